@@ -1,0 +1,179 @@
+"""Settings: the ``resilience_*`` keys of ``app.conf``, read once into a frozen dataclass.
+
+Keys are lowercase and read with ``conf.get(key, default)``; a Django project using
+``config_from_object("django.conf:settings", namespace="CELERY")`` sets them as
+``CELERY_RESILIENCE_*``. They are deliberately *not* registered with
+``app.add_defaults()``: on Celery 5.7 those defaults shadow the Django-style names.
+
+The dataclass defaults below *are* the documented defaults (README, "Settings").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Iterable
+from typing import Any, Callable
+
+from .errors import ConfigurationError
+
+PREFIX = "resilience_"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated plugin settings. Build with :meth:`from_conf`; every field is a key."""
+
+    # Tier 1: re-run the body in the worker process while the message stays unacked.
+    # 10 s rides out a connection reset or a short Redis restart without a re-publish.
+    inprocess_budget: float = 10.0
+    # First in-process wait; doubles per attempt (full jitter), never above the cap.
+    inprocess_backoff: float = 0.1
+    inprocess_backoff_max: float = 2.0
+    # Tier 2: Celery retries. Base and cap of the exponential backoff, in seconds.
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 30.0
+    retry_jitter: bool = True
+    max_retries: int = 5
+    # How long a failed retry publish is retried before the message is handed back.
+    publish_budget: float = 10.0
+    # Extra classes (or "module:Name" / "module.Name" paths) for the classifier.
+    transient_errors: tuple[type[BaseException], ...] = ()
+    terminal_errors: tuple[type[BaseException], ...] = ()
+    # Keepalive: seed 000's values; idle well below a 3600 s firewall idle timeout.
+    keepalive: bool = True
+    keepalive_idle: int = 60
+    keepalive_interval: int = 10
+    keepalive_count: int = 9
+    # Seconds unacknowledged data may stay unacknowledged: idle + interval * count.
+    keepalive_user_timeout: int = 150
+    # Routing: stamp origin queue/priority; quarantine what cannot be restored.
+    routing: bool = True
+    quarantine_queue: str = "resilience.quarantine"
+
+    @classmethod
+    def from_conf(cls, conf: Any) -> Settings:
+        """Read and validate every ``resilience_*`` key; raise :class:`ConfigurationError`."""
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            key = PREFIX + field.name
+            raw = conf.get(key, None)
+            if raw is not None:
+                values[field.name] = _PARSERS[field.name](key, raw)
+        settings = cls(**values)
+        settings._check_relations()
+        return settings
+
+    def _check_relations(self) -> None:
+        if self.inprocess_backoff_max < self.inprocess_backoff:
+            raise ConfigurationError(
+                PREFIX + "inprocess_backoff_max",
+                self.inprocess_backoff_max,
+                f"must be >= resilience_inprocess_backoff ({self.inprocess_backoff})",
+            )
+        if self.retry_backoff_max < self.retry_backoff:
+            raise ConfigurationError(
+                PREFIX + "retry_backoff_max",
+                self.retry_backoff_max,
+                f"must be >= resilience_retry_backoff ({self.retry_backoff})",
+            )
+
+
+def settings_for(app: Any) -> Settings:
+    """The app's validated settings, cached on the app after the first successful read."""
+    cached = getattr(app, "_resilience_settings", None)
+    if cached is None:
+        cached = Settings.from_conf(app.conf)
+        app._resilience_settings = cached
+    return cached
+
+
+def reset_settings(app: Any) -> None:
+    """Forget the cached settings (tests, or after changing ``app.conf``)."""
+    app.__dict__.pop("_resilience_settings", None)
+
+
+def number(key: str, raw: Any, *, minimum: float, maximum: float, integer: bool = False) -> Any:
+    """Parse a number in ``[minimum, maximum]``; strings from env files are accepted."""
+    if isinstance(raw, bool):
+        raise ConfigurationError(key, raw, "must be a number, not a boolean")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigurationError(key, raw, "must be a number") from None
+    if integer and value != int(value):
+        raise ConfigurationError(key, raw, "must be a whole number")
+    if not minimum <= value <= maximum:
+        raise ConfigurationError(key, raw, f"must be between {minimum:g} and {maximum:g}")
+    return int(value) if integer else value
+
+
+def boolean(key: str, raw: Any) -> bool:
+    """Parse a bool; ``"true"``/``"off"``-style strings are accepted."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ConfigurationError(key, raw, "must be true or false")
+
+
+def text(key: str, raw: Any) -> str:
+    """Parse a non-empty string."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise ConfigurationError(key, raw, "must be a non-empty string")
+    return raw.strip()
+
+
+def exception_classes(key: str, raw: Any) -> tuple[type[BaseException], ...]:
+    """Parse exception classes given as classes or ``"pkg.mod:Name"`` / ``"pkg.mod.Name"``."""
+    items: Iterable[Any] = [raw] if isinstance(raw, (str, type)) else raw
+    try:
+        return tuple(_exception_class(key, item) for item in items)
+    except TypeError:
+        raise ConfigurationError(key, raw, "must be a list of exception classes") from None
+
+
+def _exception_class(key: str, item: Any) -> type[BaseException]:
+    if isinstance(item, str):
+        module, _, name = item.replace(":", ".").rpartition(".")
+        try:
+            item = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            raise ConfigurationError(key, item, "names no importable exception class") from None
+    if not (isinstance(item, type) and issubclass(item, BaseException)):
+        raise ConfigurationError(key, item, "must be an exception class")
+    return item
+
+
+def _seconds(maximum: float, minimum: float = 0.0) -> Callable[[str, Any], Any]:
+    return lambda key, raw: number(key, raw, minimum=minimum, maximum=maximum)
+
+
+def _whole(minimum: int, maximum: int) -> Callable[[str, Any], Any]:
+    return lambda key, raw: number(key, raw, minimum=minimum, maximum=maximum, integer=True)
+
+
+# One parser per field. Ranges reject the absurd, not the unusual: a day of backoff is
+# allowed, a negative one or a keepalive idle above the 3600 s firewall timeout is not.
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "inprocess_budget": _seconds(600),
+    "inprocess_backoff": _seconds(60, minimum=0.001),
+    "inprocess_backoff_max": _seconds(600, minimum=0.001),
+    "retry_backoff": _seconds(86400, minimum=0.001),
+    "retry_backoff_max": _seconds(86400, minimum=0.001),
+    "retry_jitter": boolean,
+    "max_retries": _whole(0, 10_000),
+    "publish_budget": _seconds(600),
+    "transient_errors": exception_classes,
+    "terminal_errors": exception_classes,
+    "keepalive": boolean,
+    "keepalive_idle": _whole(1, 3599),
+    "keepalive_interval": _whole(1, 600),
+    "keepalive_count": _whole(1, 100),
+    "keepalive_user_timeout": _whole(0, 86400),
+    "routing": boolean,
+    "quarantine_queue": text,
+}
