@@ -1,0 +1,64 @@
+"""The pipeline's Celery app: ``celery -A examples.pipeline.app worker``.
+
+Configured from the environment (the demo and the tests set these):
+``PIPELINE_BROKER_URL`` (default ``redis://127.0.0.1:6379/0``), ``PIPELINE_STATE_URL``
+(the job state's Redis; default: the broker), ``PIPELINE_LOG_DIR`` (job logs).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_resilience import ResilientTask, install, signals
+
+from . import joblog, tasks
+from .state import JobState
+
+
+def create_app(broker_url: str, state_url: str, **conf: Any) -> Celery:
+    """A pipeline app: the two lines of celery-resilience, the tasks, the job-log hookup."""
+    app = Celery("pipeline", broker=broker_url, task_cls=ResilientTask, set_as_current=False)
+    install(app)
+    app.conf.update(
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        **conf,
+    )
+    # redis-py gives from_url pools no retries: a reset reaches the application, as in
+    # the incident (a client with its own retries would hide it).
+    client = redis.Redis.from_url(state_url)
+    app.job_state = lambda job_id: JobState(client, int(job_id))  # type: ignore[attr-defined]
+    tasks.register(app)
+    signals.transient_error.connect(transient_to_job_log, weak=False)
+    return app
+
+
+def transient_to_job_log(task: Any, *, cause: BaseException, attempt: int, tier: str,
+                         args: Any, kwargs: Any, **_: Any) -> None:  # fmt: skip
+    """Write each transient cause into the job's own log (the seed 001 blind spot)."""
+    job_id = (kwargs or {}).get("job_id", args[0] if args else None)
+    if job_id is None:
+        return
+    action = "retrying in-process" if tier == "inprocess" else "retrying via Celery"
+    joblog.write(
+        int(job_id), "WARNING",
+        f"transient Redis error, {action} (attempt {attempt}): "
+        f"{type(cause).__name__}: {cause}",
+    )  # fmt: skip
+
+
+def submit_job(app: Celery, job_id: int, n_images: int, variant: str = "") -> None:
+    """Create the job's state and enqueue one task per image, in order."""
+    app.job_state(job_id).create(range(1, n_images + 1))  # type: ignore[attr-defined]
+    name = "pipeline.process_image" + (f"_{variant}" if variant else "")
+    for image_id in range(1, n_images + 1):
+        app.send_task(name, kwargs={"job_id": job_id, "image_id": image_id})
+
+
+_broker = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
+app = create_app(_broker, os.environ.get("PIPELINE_STATE_URL", _broker))
