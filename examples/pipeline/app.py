@@ -19,8 +19,13 @@ from . import joblog, tasks
 from .state import JobState
 
 
-def create_app(broker_url: str, state_url: str, **conf: Any) -> Celery:
-    """A pipeline app: the two lines of celery-resilience, the tasks, the job-log hookup."""
+def create_app(broker_url: str, state_url: str, *, idempotent: bool = True,
+               **conf: Any) -> Celery:  # fmt: skip
+    """A pipeline app: the two lines of celery-resilience, the tasks, the job-log hookup.
+
+    ``idempotent=False`` swaps in a counter that counts every write (the control that
+    shows why retried writes must be idempotent).
+    """
     app = Celery("pipeline", broker=broker_url, task_cls=ResilientTask, set_as_current=False)
     install(app)
     app.conf.update(
@@ -32,7 +37,9 @@ def create_app(broker_url: str, state_url: str, **conf: Any) -> Celery:
     # redis-py gives from_url pools no retries: a reset reaches the application, as in
     # the incident (a client with its own retries would hide it).
     client = redis.Redis.from_url(state_url)
-    app.job_state = lambda job_id: JobState(client, int(job_id))  # type: ignore[attr-defined]
+    app.job_state = lambda job_id: JobState(  # type: ignore[attr-defined]
+        client, int(job_id), idempotent=idempotent
+    )
     tasks.register(app)
     signals.transient_error.connect(transient_to_job_log, weak=False)
     return app
@@ -60,5 +67,20 @@ def submit_job(app: Celery, job_id: int, n_images: int, variant: str = "") -> No
         app.send_task(name, kwargs={"job_id": job_id, "image_id": image_id})
 
 
+def _conf_from_env() -> dict[str, Any]:
+    """Extra settings the demo and tests pass to a worker subprocess."""
+    conf: dict[str, Any] = {}
+    if "PIPELINE_VISIBILITY_TIMEOUT" in os.environ:
+        timeout = int(os.environ["PIPELINE_VISIBILITY_TIMEOUT"])
+        # A short visibility timeout brings back what a lost connection left unacked;
+        # sweep every second (kombu >= 5.6 options; older kombu ignores them).
+        conf["broker_transport_options"] = {
+            "visibility_timeout": timeout,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        }
+    return conf
+
+
 _broker = os.environ.get("PIPELINE_BROKER_URL", "redis://127.0.0.1:6379/0")
-app = create_app(_broker, os.environ.get("PIPELINE_STATE_URL", _broker))
+app = create_app(_broker, os.environ.get("PIPELINE_STATE_URL", _broker), **_conf_from_env())

@@ -33,6 +33,16 @@ done = tonumber(redis.call('GET', KEYS[2]) or '0')
 return {redis.call('SCARD', KEYS[1]), done, tonumber(total)}
 """
 
+# The control: counts every call, as an INCR-based counter does. A retry after a reset
+# that came after the server applied the write counts the image twice.
+_UPDATE_COUNTING = """
+local total = redis.call('GET', KEYS[3])
+if not total then return nil end
+for _, id in ipairs(ARGV) do redis.call('SREM', KEYS[1], id) end
+local done = redis.call('INCRBY', KEYS[2], #ARGV)
+return {redis.call('SCARD', KEYS[1]), done, tonumber(total)}
+"""
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -47,10 +57,11 @@ class Progress:
 class JobState:
     """The Redis keys of one job."""
 
-    def __init__(self, client: redis.Redis, job_id: int) -> None:
+    def __init__(self, client: redis.Redis, job_id: int, *, idempotent: bool = True) -> None:
         self.client = client
         self.job_id = job_id
-        self._update = client.register_script(_UPDATE)
+        self._source = _UPDATE if idempotent else _UPDATE_COUNTING
+        self._update = client.register_script(self._source)
 
     def key(self, *parts: str) -> str:
         return ":".join(("job", str(self.job_id), *parts))
@@ -64,6 +75,9 @@ class JobState:
             pipe.set(self.key("total"), len(ids))
             pipe.set(self.key("status"), "STARTED")
             pipe.execute()
+        # Load the script now, so each update is exactly one EVALSHA (a NOSCRIPT round
+        # trip on the first update would make "the N-th state read" ambiguous).
+        self.client.script_load(self._source)
 
     def update(self, image_ids: Iterable[int], stage: str) -> Optional[Progress]:
         """Mark images done in ``stage``; None only when the job's keys are gone."""

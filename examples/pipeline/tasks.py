@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any, Callable, Optional
 
 import redis
@@ -23,6 +25,9 @@ from . import joblog
 from .state import JobState, Progress
 
 logger = logging.getLogger(__name__)
+
+#: Seconds of simulated work per image (the demo and tests set PIPELINE_WORK_SECONDS).
+WORK_SECONDS = float(os.environ.get("PIPELINE_WORK_SECONDS", "0"))
 
 Update = Callable[[JobState, int, str], Optional[Progress]]
 
@@ -56,6 +61,7 @@ def process(state: JobState, image_id: int, update: Update, missing: str) -> str
     if update(state, image_id, "process") is None:
         fail_job(state, missing)
         return "failed"
+    time.sleep(WORK_SECONDS)  # the model's work between the two stages
     state.client.hset(state.key("results"), str(image_id), "detections")
     progress = update(state, image_id, "results")
     if progress is None:
