@@ -69,7 +69,12 @@ def submit_job(app: Celery, job_id: int, n_images: int, variant: str = "") -> No
 
 def _conf_from_env() -> dict[str, Any]:
     """Extra settings the demo and tests pass to a worker subprocess."""
-    conf: dict[str, Any] = {}
+    conf: dict[str, Any] = {
+        # CELERY_RESILIENCE_MAX_RETRIES=3 -> resilience_max_retries (Django-style names).
+        key[len("CELERY_"):].lower(): value
+        for key, value in os.environ.items()
+        if key.startswith("CELERY_RESILIENCE_")
+    }
     if "PIPELINE_VISIBILITY_TIMEOUT" in os.environ:
         timeout = int(os.environ["PIPELINE_VISIBILITY_TIMEOUT"])
         # A short visibility timeout brings back what a lost connection left unacked;

@@ -115,9 +115,12 @@ def test_control_counting_writes_double_count_a_reset_after_apply(pipeline: Any)
 RESTART_N = 200
 
 
-def run_through_restart(server: RedisServer, variant: str, job_logs: Path) -> dict[str, Any]:
+def run_through_restart(
+    server: RedisServer, variant: str, job_logs: Path, **settings: str
+) -> dict[str, Any]:
     """A prefork worker runs the job; Redis goes down for 3.5 s once 50 images are done."""
     env = {
+        **{f"CELERY_RESILIENCE_{k.upper()}": v for k, v in settings.items()},
         "PIPELINE_BROKER_URL": server.url(0),
         "PIPELINE_STATE_URL": server.url(0),
         "PIPELINE_LOG_DIR": str(job_logs),
@@ -136,7 +139,10 @@ def run_through_restart(server: RedisServer, variant: str, job_logs: Path) -> di
         server.restart(down_for=3.5, save=True)
         settled = _wait(lambda: _settled(client), timeout=90, steady=3.0)
         alive = worker.alive
+        log = worker.log
     return {
+        "handed_back": log.count("the original message is requeued instead of dropped"),
+        "dropped": log.count("reject requeue=False"),
         "settled": settled,
         "alive": alive,
         "status": client.get("job:1:status"),
@@ -171,12 +177,25 @@ def _wait(predicate: Callable[[], bool], *, timeout: float, steady: float = 0.0)
 
 @pytest.mark.slow
 @pytest.mark.fault
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        # No in-process tier: every transient error becomes a Celery retry whose publish
+        # fails while Redis is down; the message must be handed back, not dropped.
+        {"inprocess_budget": "0", "publish_budget": "0.5", "retry_backoff": "0.2"},
+    ],
+    ids=["inprocess-tier", "celery-tier-failed-publish"],
+)
 def test_resilient_job_completes_through_a_redis_restart(
-    private_redis: RedisServer, job_logs: Path
+    private_redis: RedisServer, job_logs: Path, settings: dict[str, str]
 ) -> None:
-    result = run_through_restart(private_redis, "", job_logs)
+    result = run_through_restart(private_redis, "", job_logs, **settings)
     assert result["alive"] and result["settled"]
     assert (result["status"], result["done"]) == (b"SUCCESS", RESTART_N)
+    assert result["dropped"] == 0
+    if settings:
+        assert result["handed_back"] >= 1, "the failed-publish path never ran"
 
 
 @pytest.mark.slow
@@ -188,3 +207,4 @@ def test_control_plain_autoretry_loses_tasks_in_a_redis_restart(
     assert result["alive"] and result["settled"]
     lost = RESTART_N - result["done"] - result["waiting"]
     assert result["status"] == b"STARTED" and lost >= 1, result
+    assert result["dropped"] >= lost  # each lost task is one of Celery's Reject(requeue=False)
