@@ -1,0 +1,25 @@
+"""The benchmark's app: the same one-INCR task as plain Celery and as ResilientTask."""
+
+from __future__ import annotations
+
+import os
+
+import redis
+from celery import Celery, Task
+
+from celery_resilience import ResilientTask, install
+
+app = Celery("overhead", broker=os.environ["BENCH_BROKER_URL"], set_as_current=False)
+install(app)
+app.conf.update(task_ignore_result=True, worker_prefetch_multiplier=4)
+client = redis.Redis.from_url(os.environ["BENCH_BROKER_URL"])
+
+
+@app.task(name="bench.plain", base=Task)
+def plain(key: str) -> None:
+    client.incr(key)
+
+
+@app.task(name="bench.resilient", base=ResilientTask)
+def resilient(key: str) -> None:
+    client.incr(key)
