@@ -11,8 +11,8 @@ job's keys are genuinely gone.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 import redis
 
@@ -79,7 +79,7 @@ class JobState:
         # trip on the first update would make "the N-th state read" ambiguous).
         self.client.script_load(self._source)
 
-    def update(self, image_ids: Iterable[int], stage: str) -> Optional[Progress]:
+    def update(self, image_ids: Iterable[int], stage: str) -> Progress | None:
         """Mark images done in ``stage``; None only when the job's keys are gone."""
         keys = [self.key("pending", stage), self.key("done", stage), self.key("total")]
         raw = self._update(keys=keys, args=[str(i) for i in image_ids])

@@ -32,12 +32,12 @@ WORK_SECONDS = float(os.environ.get("PIPELINE_WORK_SECONDS", "0"))
 Update = Callable[[JobState, int, str], Optional[Progress]]
 
 
-def update(state: JobState, image_id: int, stage: str) -> Optional[Progress]:
+def update(state: JobState, image_id: int, stage: str) -> Progress | None:
     """The fixed state call: transient errors propagate to the task."""
     return state.update([image_id], stage)
 
 
-def naive_update(state: JobState, image_id: int, stage: str) -> Optional[Progress]:
+def naive_update(state: JobState, image_id: int, stage: str) -> Progress | None:
     """Seed 001's update_state: a transient RedisError is reported as "state missing"."""
     try:
         return state.update([image_id], stage)

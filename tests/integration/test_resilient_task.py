@@ -31,7 +31,7 @@ def app(redis_url: str) -> Iterator[Celery]:
         resilience_retry_backoff=0.05,
         resilience_retry_backoff_max=0.1,
         broker_transport_options={"priority_steps": list(range(10)), "sep": ":",
-                                  "queue_order_strategy": "priority"},  # fmt: skip
+                                  "queue_order_strategy": "priority"},
     )
     install(app)
     yield app
