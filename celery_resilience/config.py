@@ -43,16 +43,6 @@ class Settings:
     # Extra classes (or "module:Name" / "module.Name" paths) for the classifier.
     transient_errors: tuple[type[BaseException], ...] = ()
     terminal_errors: tuple[type[BaseException], ...] = ()
-    # Keepalive: seed 000's values; idle well below a 3600 s firewall idle timeout.
-    keepalive: bool = True
-    keepalive_idle: int = 60
-    keepalive_interval: int = 10
-    keepalive_count: int = 9
-    # Seconds unacknowledged data may stay unacknowledged: idle + interval * count.
-    keepalive_user_timeout: int = 150
-    # Routing: stamp origin queue/priority; quarantine what cannot be restored.
-    routing: bool = True
-    quarantine_queue: str = "resilience.quarantine"
 
     @classmethod
     def from_conf(cls, conf: Any) -> Settings:
@@ -120,13 +110,6 @@ def boolean(key: str, raw: Any) -> bool:
     raise ConfigurationError(key, raw, "must be true or false")
 
 
-def text(key: str, raw: Any) -> str:
-    """Parse a non-empty string."""
-    if not isinstance(raw, str) or not raw.strip():
-        raise ConfigurationError(key, raw, "must be a non-empty string")
-    return raw.strip()
-
-
 def exception_classes(key: str, raw: Any) -> tuple[type[BaseException], ...]:
     """Parse exception classes given as classes or ``"pkg.mod:Name"`` / ``"pkg.mod.Name"``."""
     items: Iterable[Any] = [raw] if isinstance(raw, (str, type)) else raw
@@ -157,7 +140,7 @@ def _whole(minimum: int, maximum: int) -> Callable[[str, Any], Any]:
 
 
 # One parser per field. Ranges reject the absurd, not the unusual: a day of backoff is
-# allowed, a negative one or a keepalive idle above the 3600 s firewall timeout is not.
+# allowed, a negative one is not.
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "inprocess_budget": _seconds(600),
     "inprocess_backoff": _seconds(60, minimum=0.001),
@@ -169,11 +152,4 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "publish_budget": _seconds(600),
     "transient_errors": exception_classes,
     "terminal_errors": exception_classes,
-    "keepalive": boolean,
-    "keepalive_idle": _whole(1, 3599),
-    "keepalive_interval": _whole(1, 600),
-    "keepalive_count": _whole(1, 100),
-    "keepalive_user_timeout": _whole(0, 86400),
-    "routing": boolean,
-    "quarantine_queue": text,
 }

@@ -20,7 +20,6 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (s.inprocess_budget, s.retry_backoff, s.retry_backoff_max, s.max_retries) == (
         10.0, 1.0, 30.0, 5,
     )  # fmt: skip
-    assert (s.keepalive_idle, s.keepalive_interval, s.keepalive_count) == (60, 10, 9)
     assert s.retry_jitter is True
 
 
@@ -44,9 +43,6 @@ def test_django_namespace_is_read() -> None:
         ("max_retries", True, "not a boolean"),
         ("inprocess_budget", -0.1, "between"),
         ("retry_jitter", "maybe", "true or false"),
-        ("keepalive_idle", 7200, "between 1 and 3599"),
-        ("keepalive_count", 0, "between"),
-        ("quarantine_queue", "", "non-empty"),
         ("transient_errors", ["no.such.module:Err"], "importable"),
         ("terminal_errors", [int], "exception class"),
     ],
