@@ -43,6 +43,16 @@ class Settings:
     # Extra classes (or "module:Name" / "module.Name" paths) for the classifier.
     transient_errors: tuple[type[BaseException], ...] = ()
     terminal_errors: tuple[type[BaseException], ...] = ()
+    # Keepalive on every Redis socket. Seed 000's values: the first probe after 60 s
+    # idle, well inside a 3600 s firewall idle timeout; a dead peer is found in
+    # 60 + 10 * 9 = 150 s.
+    keepalive: bool = True
+    keepalive_idle: int = 60
+    keepalive_interval: int = 10
+    keepalive_count: int = 9
+    # TCP_USER_TIMEOUT in seconds; None: idle + interval * count, so unacknowledged
+    # writes give up when keepalive would. 0 leaves the kernel default.
+    keepalive_user_timeout: int | None = None
 
     @classmethod
     def from_conf(cls, conf: Any) -> Settings:
@@ -152,4 +162,10 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "publish_budget": _seconds(600),
     "transient_errors": exception_classes,
     "terminal_errors": exception_classes,
+    "keepalive": boolean,
+    # Idle must stay below the 3600 s idle timeout of typical cloud firewalls.
+    "keepalive_idle": _whole(1, 3599),
+    "keepalive_interval": _whole(1, 600),
+    "keepalive_count": _whole(1, 100),
+    "keepalive_user_timeout": _whole(0, 86400),
 }

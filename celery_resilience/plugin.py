@@ -7,18 +7,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from .steps import SettingsCheck
+from . import control
+from .config import settings_for
+from .keepalive import enable as enable_keepalive
+from .keepalive import options_from
+from .steps import Keepalive, KeepaliveReport, SettingsCheck
 
 __all__ = ["install"]
 
 
-def install(app: Any) -> Any:
+def install(app: Any, *, keepalive: bool = True) -> Any:
     """Register celery-resilience with ``app`` and return ``app``.
 
-    Adds a worker bootstep that validates every ``resilience_*`` setting when the worker
-    starts (a bad value stops it with :class:`~celery_resilience.ConfigurationError`).
+    - A worker bootstep validates every ``resilience_*`` setting when the worker starts
+      (a bad value stops it with :class:`~celery_resilience.ConfigurationError`).
+    - ``keepalive=True``: TCP keepalive on every Redis connection this process opens
+      from now on (web processes too), and in a worker on the ones already open and in
+      its pool children; ``celery inspect resilience_sockets`` audits it.
+
     Tasks get the retry behaviour from :class:`~celery_resilience.ResilientTask`
     (``task_cls=ResilientTask`` or ``base=ResilientTask``).
     """
-    app.steps["worker"].add(SettingsCheck)  # a set: adding twice is a no-op
+    app.steps["worker"].add(SettingsCheck)  # sets: adding twice is a no-op
+    if keepalive:
+        app.steps["worker"].add(Keepalive)
+        app.steps["consumer"].add(KeepaliveReport)
+        control.register()
+        # This process (a web process publishing tasks, too): settings are read lazily at
+        # the first connect, so install() may run before the configuration is loaded.
+        enable_keepalive(lambda: options_from(settings_for(app)))
     return app

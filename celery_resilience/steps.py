@@ -6,7 +6,9 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+from celery.signals import worker_process_init
 
+from . import keepalive, signals
 from .config import reset_settings, settings_for
 
 logger = logging.getLogger(__name__)
@@ -26,3 +28,69 @@ class SettingsCheck(bootsteps.Step):  # type: ignore[misc]  # celery ships no ty
         settings = settings_for(worker.app)
         logger.debug("resilience: settings %s", settings)
         super().__init__(worker, **kwargs)
+
+
+class Keepalive(bootsteps.Step):  # type: ignore[misc]
+    """Force TCP keepalive on every Redis socket of this worker and its pool children.
+
+    Runs while the worker is built, before the pool forks: patches redis-py's connect and
+    sweeps the connections opened at import time. Each prefork child sweeps again when it
+    starts. Works on its own too: ``app.steps["worker"].add(Keepalive)``.
+    """
+
+    name = "celery_resilience.Keepalive"
+    requires = (SettingsCheck,)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        app = worker.app
+        options = keepalive.options_from(settings_for(app))
+        if options is not None:
+            keepalive.enable(lambda: keepalive.options_from(settings_for(app)))
+            keepalive.sweep(options)
+            worker_process_init.connect(_sweep_child, weak=False, dispatch_uid=self.name)
+        super().__init__(worker, **kwargs)
+
+
+def _sweep_child(**_: Any) -> None:
+    """In a fresh pool child: options on whatever the child holds before its first task."""
+    options = keepalive.options_from(_current_settings())
+    if options is not None:
+        keepalive.sweep(options)
+
+
+def _current_settings() -> Any:
+    from celery import current_app
+
+    return settings_for(current_app)
+
+
+class KeepaliveReport(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Once the broker connection is up: one INFO line and ``keepalive_applied``."""
+
+    name = "celery_resilience.KeepaliveReport"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, consumer: Any) -> None:
+        options = keepalive.options_from(settings_for(consumer.app))
+        if options is None:
+            logger.info("resilience: keepalive off (resilience_keepalive=False)")
+            return
+        keepalive.sweep(options)
+        entries = keepalive.audit()
+        covered = sum(1 for entry in entries if _matches(entry, options))
+        logger.info(
+            "resilience: keepalive idle=%ss interval=%ss count=%s user_timeout=%ss "
+            "on %d/%d redis sockets",
+            options.idle, options.interval, options.count, options.user_timeout,
+            covered, len(entries),
+        )  # fmt: skip
+        signals.send(signals.keepalive_applied, self, sockets=covered, total=len(entries))
+
+
+def _matches(entry: dict[str, Any], options: keepalive.KeepaliveOptions) -> bool:
+    return bool(
+        entry.get("keepalive") == 1
+        and entry.get("idle") == options.idle
+        and entry.get("interval") == options.interval
+        and entry.get("count") == options.count
+    )

@@ -1,0 +1,329 @@
+"""TCP keepalive on every Redis connection this process opens (seed 000).
+
+redis-py < 8 sets no SO_KEEPALIVE; redis-py 8 does, but kombu passes
+``socket_keepalive=None`` explicitly, the result backend only has a boolean, and
+django-redis has no option of its own. A host-level sysctl does not help: the kernel
+only probes sockets that opted in. So we opt every socket in, whatever each library asked:
+
+- :func:`enable` patches redis-py's TCP connect (sync and asyncio; TLS sockets get the
+  options before the handshake, Unix sockets are skipped) so each *new* socket gets
+  SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT and TCP_USER_TIMEOUT;
+- :func:`sweep` applies them to connections that were already open (import time);
+- :func:`audit` reads the options back from the kernel, for this process;
+  :func:`audit_process` does the same for another process (a prefork child).
+
+The patch is process-wide (redis-py's connection classes are). :func:`disable` undoes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import gc
+import logging
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any, Callable
+
+from .config import Settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "KeepaliveOptions",
+    "apply",
+    "audit",
+    "audit_process",
+    "disable",
+    "enable",
+    "options_from",
+    "sweep",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepaliveOptions:
+    """Seconds: first probe after ``idle``, then every ``interval``, give up after
+    ``count``; ``user_timeout`` bounds unacknowledged data (0: the kernel default)."""
+
+    idle: int = 60
+    interval: int = 10
+    count: int = 9
+    user_timeout: int = 150
+
+
+# (level, name of the socket-module constant, value getter). TCP_KEEPIDLE is called
+# TCP_KEEPALIVE on macOS; TCP_USER_TIMEOUT is Linux-only.
+def options_from(settings: Settings) -> KeepaliveOptions | None:
+    """The options the settings ask for; None when ``resilience_keepalive`` is off."""
+    if not settings.keepalive:
+        return None
+    user_timeout = settings.keepalive_user_timeout
+    if user_timeout is None:
+        user_timeout = settings.keepalive_idle + settings.keepalive_interval * settings.keepalive_count
+    return KeepaliveOptions(
+        settings.keepalive_idle, settings.keepalive_interval, settings.keepalive_count,
+        user_timeout,
+    )  # fmt: skip
+
+
+_OPTIONS: tuple[tuple[int, tuple[str, ...], Callable[[KeepaliveOptions], int]], ...] = (
+    (socket.SOL_SOCKET, ("SO_KEEPALIVE",), lambda o: 1),
+    (socket.IPPROTO_TCP, ("TCP_KEEPIDLE", "TCP_KEEPALIVE"), lambda o: o.idle),
+    (socket.IPPROTO_TCP, ("TCP_KEEPINTVL",), lambda o: o.interval),
+    (socket.IPPROTO_TCP, ("TCP_KEEPCNT",), lambda o: o.count),
+    (socket.IPPROTO_TCP, ("TCP_USER_TIMEOUT",), lambda o: o.user_timeout * 1000),
+)
+_missing_warned: set[str] = set()
+
+
+def _constant(names: tuple[str, ...]) -> int | None:
+    for name in names:
+        if hasattr(socket, name):
+            return int(getattr(socket, name))
+    if names[0] not in _missing_warned:
+        _missing_warned.add(names[0])
+        logger.warning("resilience: this platform has no %s; that option is skipped", names[0])
+    return None
+
+
+def apply(sock: Any, options: KeepaliveOptions) -> bool:
+    """Set the keepalive options on ``sock``; False for non-TCP or closed sockets."""
+    if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        for level, names, value in _OPTIONS:
+            opt = _constant(names)
+            if opt is not None:
+                sock.setsockopt(level, opt, value(options))
+    except OSError as exc:  # closed or shut down under us: nothing to protect
+        logger.debug("resilience: keepalive not applied to %r: %s", sock, exc)
+        return False
+    return True
+
+
+# -- the connect hook -----------------------------------------------------------------------
+
+_Provider = Callable[[], "KeepaliveOptions | None"]
+_provider: _Provider | None = None
+_originals: dict[tuple[type, str], Any] = {}
+
+
+def _options() -> KeepaliveOptions | None:
+    try:
+        return _provider() if _provider is not None else None
+    except Exception:  # a bad setting must not break the caller's connect
+        logger.exception("resilience: keepalive options unavailable; socket left as is")
+        return None
+
+
+def _patched_connect(original: Callable[..., Any]) -> Callable[..., Any]:
+    # redis-py has no hook between socket creation and use: Connection._connect is
+    # the one function that returns the connected TCP socket (SSLConnection calls it
+    # before wrapping, so TLS sockets are covered too).
+    def _connect(self: Any) -> Any:
+        sock = original(self)
+        options = _options()
+        if options is not None:
+            apply(sock, options)
+        return sock
+
+    _connect.__wrapped__ = original  # type: ignore[attr-defined]
+    return _connect
+
+
+def _patched_async_connect(original: Callable[..., Any]) -> Callable[..., Any]:
+    # redis.asyncio's Connection._connect opens the stream and keeps the writer; the
+    # socket is only reachable through the transport afterwards.
+    async def _connect(self: Any) -> None:
+        await original(self)
+        options = _options()
+        writer = getattr(self, "_writer", None)
+        if options is not None and writer is not None:
+            apply(writer.transport.get_extra_info("socket"), options)
+
+    _connect.__wrapped__ = original  # type: ignore[attr-defined]
+    return _connect
+
+
+def _targets() -> Iterator[tuple[type, Callable[[Callable[..., Any]], Callable[..., Any]]]]:
+    import redis.connection
+
+    yield redis.connection.Connection, _patched_connect
+    try:
+        import redis.asyncio.connection as aconn
+    except ImportError:  # redis-py built without asyncio support
+        return
+    yield aconn.Connection, _patched_async_connect
+
+
+def enable(provider: _Provider) -> None:
+    """Patch redis-py so every new TCP connection gets ``provider()``'s options.
+
+    ``provider`` is called per connect (cheap: settings are cached) and may return None
+    to leave a socket alone. Calling ``enable`` again only replaces the provider.
+    """
+    global _provider
+    _provider = provider
+    for cls, wrap in _targets():
+        key = (cls, "_connect")
+        if key not in _originals:
+            _originals[key] = cls.__dict__["_connect"]
+            cls._connect = wrap(_originals[key])  # type: ignore[attr-defined]
+
+
+def disable() -> None:
+    """Undo :func:`enable` (tests; a process that wants redis-py untouched)."""
+    global _provider
+    _provider = None
+    for (cls, name), original in _originals.items():
+        setattr(cls, name, original)
+    _originals.clear()
+
+
+def enabled() -> bool:
+    return bool(_originals)
+
+
+# -- sweep and audit ------------------------------------------------------------------------
+
+
+def _open_sockets() -> Iterator[tuple[Any, Any]]:
+    """(connection object, socket) for every open redis-py TCP connection in this process."""
+    import redis.connection
+
+    sync_types: tuple[type, ...] = (redis.connection.Connection,)
+    async_types: tuple[type, ...] = ()
+    if "redis.asyncio.connection" in sys.modules:
+        async_types = (sys.modules["redis.asyncio.connection"].Connection,)
+    for obj in gc.get_objects():
+        if isinstance(obj, sync_types):
+            sock = getattr(obj, "_sock", None)
+        elif async_types and isinstance(obj, async_types):
+            writer = getattr(obj, "_writer", None)
+            sock = writer.transport.get_extra_info("socket") if writer else None
+        else:
+            continue
+        if sock is not None and getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
+            yield obj, sock
+
+
+def sweep(options: KeepaliveOptions) -> tuple[int, int]:
+    """Apply ``options`` to every open redis-py TCP connection; (applied, found)."""
+    found = applied = 0
+    for _, sock in _open_sockets():
+        found += 1
+        applied += apply(sock, options)
+    return applied, found
+
+
+def read_options(sock: Any) -> dict[str, Any]:
+    """The keepalive options of ``sock`` as the kernel has them (seconds)."""
+    report: dict[str, Any] = {}
+    for level, names, _ in _OPTIONS:
+        opt = _constant(names)
+        if opt is None:
+            continue
+        try:
+            value = sock.getsockopt(level, opt)
+        except OSError:
+            continue
+        key = {"SO_KEEPALIVE": "keepalive", "TCP_KEEPIDLE": "idle", "TCP_KEEPALIVE": "idle",
+               "TCP_KEEPINTVL": "interval", "TCP_KEEPCNT": "count",
+               "TCP_USER_TIMEOUT": "user_timeout"}[names[0]]  # fmt: skip
+        report[key] = value / 1000 if key == "user_timeout" else value
+    return report
+
+
+def _describe(sock: Any) -> dict[str, Any]:
+    try:
+        local, peer = sock.getsockname(), sock.getpeername()
+    except OSError:
+        return {}
+    return {"fd": sock.fileno(), "local": f"{local[0]}:{local[1]}", "peer": f"{peer[0]}:{peer[1]}"}
+
+
+def audit() -> list[dict[str, Any]]:
+    """This process's open Redis TCP sockets with their effective keepalive options.
+
+    Each entry: ``pid``, ``fd``, ``local``, ``peer``, ``owner`` (the redis-py class),
+    ``keepalive`` (0/1), ``idle``, ``interval``, ``count`` and ``user_timeout`` (seconds),
+    as read back from the kernel.
+    """
+    entries = []
+    for conn, sock in _open_sockets():
+        where = _describe(sock)
+        if where:
+            entries.append({"pid": os.getpid(), **where, "owner": type(conn).__name__,
+                            **read_options(sock)})  # fmt: skip
+    return entries
+
+
+# -- another process's sockets (Linux: pidfd_getfd) ----------------------------------------
+
+_SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (generic table)
+
+
+def audit_process(pid: int, peers: set[str] | None = None) -> list[dict[str, Any]]:
+    """Established TCP sockets of process ``pid`` with their options, read from the kernel.
+
+    ``peers``: keep only sockets whose peer is one of these ``"host:port"`` strings (or
+    whose peer port is, given as ``":port"``). Needs Linux >= 5.6 and ptrace rights over
+    ``pid`` (same user, or root); returns [] where that is not possible.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return []
+    try:
+        return [e for e in _remote_sockets(pid, pidfd) if _wanted(e["peer"], peers)]
+    finally:
+        os.close(pidfd)
+
+
+def _remote_sockets(pid: int, pidfd: int) -> Iterator[dict[str, Any]]:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for fd in _socket_fds(pid):
+        local_fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if local_fd < 0:
+            if ctypes.get_errno() in (errno.EPERM, errno.ENOSYS):
+                return
+            continue
+        try:
+            sock = socket.socket(fileno=local_fd)
+        except OSError:
+            os.close(local_fd)
+            continue
+        try:
+            if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
+                where = _describe(sock)
+                if where:
+                    yield {"pid": pid, **where, "fd": fd, **read_options(sock)}
+        finally:
+            sock.detach()
+            os.close(local_fd)
+
+
+def _socket_fds(pid: int) -> list[int]:
+    fds = []
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    for name in names:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                fds.append(int(name))
+        except OSError:
+            continue
+    return fds
+
+
+def _wanted(peer: str, peers: set[str] | None) -> bool:
+    if peers is None:
+        return True
+    return peer in peers or ":" + peer.rsplit(":", 1)[1] in peers
