@@ -9,8 +9,11 @@ CLIENT LIST, so the census knows which kind each socket is.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,11 @@ REPO = str(Path(__file__).resolve().parents[2])
 EXPECTED = {"keepalive": 1, "idle": 60, "interval": 10, "count": 9, "user_timeout": 150.0}
 
 
-def census_worker(server: RedisServer, pool: str, plugin: bool, **env: str) -> PreforkWorker:
+def census_worker(
+    server: RedisServer, pool: str, plugin: bool, queues: list[str] | None = None, **env: str
+) -> PreforkWorker:
     return PreforkWorker(
-        "examples.census.app", pool=pool, concurrency=2, cwd=REPO,
+        "examples.census.app", pool=pool, concurrency=2, cwd=REPO, queues=queues,
         env={"CENSUS_REDIS_URL": f"redis://127.0.0.1:{server.port}",
              "CENSUS_PLUGIN": "1" if plugin else "0",
              "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env},
@@ -93,3 +98,72 @@ def test_every_redis_socket_of_the_worker_has_keepalive(
         assert "resilience: keepalive idle=60s interval=10s count=9 user_timeout=150s on" in log
     else:
         assert covered(entries) < len(entries)
+
+
+def _amqp_url() -> str | None:
+    """AMQP_URL, else a RabbitMQ on localhost:5672 if one answers."""
+    url = os.environ.get("AMQP_URL")
+    if url:
+        return url
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError:
+        return None
+    return "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.mark.skipif(_amqp_url() is None, reason="no RabbitMQ at AMQP_URL or localhost:5672")
+@pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "control"])
+def test_seed_000_deployment_rabbitmq_broker_redis_backend_and_cache(
+    private_redis: RedisServer, plugin: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _amqp_url()
+    assert url is not None
+    # A vhost-free queue name per run keeps runs apart on a shared RabbitMQ.
+    queue = f"census-{os.getpid()}-{private_redis.port}"
+    worker = census_worker(private_redis, "prefork", plugin, [queue], CENSUS_BROKER_URL=url)
+    client = Celery("census-client", broker=url, backend=private_redis.url(1),
+                    set_as_current=False)  # fmt: skip
+    try:
+        with worker:
+            worker.start()
+            results = [client.send_task("census.touch", args=(0.5,), queue=queue)
+                       for _ in range(4)]  # fmt: skip
+            pids = {r.get(timeout=60) for r in results}
+            entries = census(private_redis, worker)
+    finally:  # after the worker stopped: a live consumer would declare it again
+        with client.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)  # the RabbitMQ may be shared
+        client.close()
+    kinds = {e["kind"] for e in entries}
+    assert len(pids) == 2 and {"backend", "django-redis", "app"} <= kinds and "broker" not in kinds
+    with capsys.disabled():
+        print(f"\n  census rabbitmq {'plugin' if plugin else 'control'}: "
+              f"{covered(entries)}/{len(entries)} redis sockets at 60/10/9/150")  # fmt: skip
+    if plugin:
+        assert covered(entries) == len(entries)
+    else:
+        assert covered(entries) < len(entries)
+
+
+def test_inspect_resilience_sockets_reports_the_census(private_redis: RedisServer) -> None:
+    with census_worker(private_redis, "prefork", True) as worker:
+        worker.start()
+        run_tasks(private_redis, private_redis.url(0))
+        proc = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "examples.census.app", "inspect", "--json",
+             "--timeout", "10", "resilience_sockets"],
+            env={**os.environ, **worker.env}, cwd=REPO, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        children = set(worker.group_pids()) - {worker.pid}
+    assert proc.returncode == 0, proc.stderr
+    replies = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(replies) == 1
+    (reply,) = replies.values()
+    every = reply["main"] + [e for es in reply["children"].values() for e in es]
+    assert {int(pid) for pid in reply["children"]} == children
+    assert all(reply["children"].values()), "every child reported its sockets"
+    assert all(e["keepalive"] == 1 and e["idle"] == 60 and e["interval"] == 10
+               and e["count"] == 9 and e["user_timeout"] == 150 for e in every)  # fmt: skip
+    assert reply["summary"] == f"keepalive on {len(every)}/{len(every)} redis sockets"
