@@ -30,3 +30,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # honours without timings (kernel default 7200 s idle), and py-amqp socket_settings
 # the Redis transport silently ignores.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_keepalive": True}
+
+# celery-resilience settings from the environment (the tests shorten keepalive this way),
+# e.g. CELERY_RESILIENCE_KEEPALIVE_IDLE=1.
+globals().update({k: v for k, v in os.environ.items() if k.startswith("CELERY_RESILIENCE_")})

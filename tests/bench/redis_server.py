@@ -230,7 +230,7 @@ class RedisServer:
         return [
             self.binary,
             "--port", str(self.port),
-            "--bind", HOST,
+            "--bind", self.host,
             "--dir", self.dir,
             "--dbfilename", "dump.rdb",
             "--save", "",
@@ -244,9 +244,13 @@ class RedisServer:
     def _answers_ping(self) -> bool:
         # While loading a dump the server replies -LOADING: only +PONG means ready.
         try:
-            return raw_command(self.port, "PING", timeout=0.5).startswith(b"+PONG")
+            return self._raw("PING", timeout=0.5).startswith(b"+PONG")
         except OSError:
             return False
+
+    def _raw(self, *args: str, timeout: float = 2.0, until_eof: bool = False) -> bytes:
+        """One RESP command on a fresh socket to this server (subclasses reach it elsewhere)."""
+        return raw_command(self.port, *args, timeout=timeout, until_eof=until_eof)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the server (SIGTERM, SIGKILL after ``timeout``). Idempotent; keeps the dir."""
@@ -297,7 +301,7 @@ class RedisServer:
         if proc is None or proc.poll() is not None:
             raise RedisServerError("restart() needs a running server")
         mode = "SAVE" if save else "NOSAVE"
-        reply = raw_command(self.port, "SHUTDOWN", mode, timeout=30, until_eof=True)
+        reply = self._raw("SHUTDOWN", mode, timeout=30, until_eof=True)
         if reply.startswith(b"-"):
             raise RedisServerError(f"SHUTDOWN refused: {reply!r}\n{self._log_tail()}")
         try:
@@ -317,7 +321,7 @@ class RedisServer:
         args = ["CLIENT", "PAUSE", str(int(seconds * 1000))]
         if writes_only:
             args.append("WRITE")  # Redis >= 6.2
-        reply = raw_command(self.port, *args)
+        reply = self._raw(*args)
         if not reply.startswith(b"+OK"):
             raise RedisServerError(f"CLIENT PAUSE failed: {reply!r}")
 
@@ -338,7 +342,7 @@ class RedisServer:
         return self._proc.pid if self.is_running and self._proc else None
 
     def url(self, db: int = 0) -> str:
-        return f"redis://{HOST}:{self.port}/{db}"
+        return f"redis://{self.host}:{self.port}/{db}"
 
     def client(self, db: int = 0, **kwargs: Any) -> redis.Redis:
         """A redis-py client without automatic retries (see :func:`no_retry_client`)."""
@@ -377,7 +381,7 @@ class RedisServer:
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.is_running else "stopped"
-        return f"<RedisServer {HOST}:{self.port} {state}>"
+        return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
 
 
 class ExternalRedis:

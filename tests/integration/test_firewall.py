@@ -1,0 +1,110 @@
+"""A real stateful firewall drops idle connections; keepalive keeps every one alive.
+
+Three network namespaces (client - firewall - server, tests/bench/netns.py): the firewall
+forgets an idle TCP flow after 3 s and then silently drops its packets, like a cloud
+firewall after its idle timeout. The census worker runs in the client namespace; tasks
+are published from the server namespace, so only the worker's connections cross the
+firewall. After an idle period longer than the timeout, every task uses the result
+backend, the django-redis cache and the application clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.bench.netns import Firewall, netns_available
+from tests.bench.workers import PreforkWorker
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
+REPO = str(Path(__file__).resolve().parents[2])
+CONNTRACK_TIMEOUT = 3
+
+
+@pytest.fixture
+def firewall() -> Firewall:
+    ok, reason = netns_available()
+    if not ok:
+        if os.environ.get("CI") == "true" and os.geteuid() == 0:
+            pytest.fail(f"CI runs as root but cannot build the firewall namespaces: {reason}")
+        pytest.skip(reason)
+    with Firewall(conntrack_timeout=CONNTRACK_TIMEOUT) as fw:
+        yield fw
+
+
+class NetnsWorker(PreforkWorker):
+    """A celery worker started inside one of the firewall's namespaces."""
+
+    def __init__(self, fw: Firewall, ns: str, *args: object, **kwargs: object) -> None:
+        self.fw, self.ns = fw, ns
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def argv(self) -> list[str]:
+        return self.fw.exec_prefix(self.ns) + super().argv
+
+
+PUBLISH = """
+import json, sys, time
+from celery import Celery
+url, n = sys.argv[1], int(sys.argv[2])
+app = Celery("publisher", broker=url + "/0", backend=url + "/1", set_as_current=False)
+results = [app.send_task("census.touch", args=(0.2,)) for _ in range(n)]
+deadline = time.monotonic() + 30
+ok = 0
+for r in results:
+    try:
+        r.get(timeout=max(0.1, deadline - time.monotonic()))
+        ok += 1
+    except Exception as exc:
+        print(repr(exc), file=sys.stderr)
+print(json.dumps({"ok": ok, "failed": n - ok}))
+"""
+
+
+def publish(fw: Firewall, url: str, n: int) -> dict[str, int]:
+    """Publish n tasks from the server namespace; how many finished within 30 s."""
+    proc = fw.run_in("server", [sys.executable, "-c", PUBLISH, url, str(n)],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)  # fmt: skip
+    out, err = proc.communicate(timeout=120)
+    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "control"])
+def test_worker_idle_past_the_firewall_timeout_loses_nothing(
+    firewall: Firewall, plugin: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = firewall.redis_server()
+    url = f"redis://{firewall.server_addr}:{server.port}"
+    env = {
+        "CENSUS_REDIS_URL": url,
+        "CENSUS_PLUGIN": "1" if plugin else "0",
+        # Keepalive must beat the 3 s conntrack timeout: probe after 1 s idle.
+        "CELERY_RESILIENCE_KEEPALIVE_IDLE": "1",
+        "CELERY_RESILIENCE_KEEPALIVE_INTERVAL": "1",
+        "CELERY_RESILIENCE_KEEPALIVE_COUNT": "3",
+        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    worker = NetnsWorker(firewall, "client", "examples.census.app", concurrency=2, env=env,
+                         cwd=REPO)  # fmt: skip
+    with worker:
+        worker.start()
+        before = publish(firewall, url, 4)  # opens every connection in both children
+        time.sleep(CONNTRACK_TIMEOUT + 5)  # idle: the firewall forgets idle flows
+        after = publish(firewall, url, 4)
+        forgotten = firewall.forgotten_packets()
+        worker.kill()  # the control's children may hang on dead sockets
+    with capsys.disabled():
+        print(f"\n  firewall {'plugin' if plugin else 'control'}: before idle {before}, "
+              f"after idle {after}, packets of forgotten flows dropped: {forgotten}")  # fmt: skip
+    assert before == {"ok": 4, "failed": 0}
+    if plugin:
+        assert after == {"ok": 4, "failed": 0} and forgotten == 0
+    else:
+        assert after["failed"] >= 1 and forgotten >= 1
