@@ -73,7 +73,9 @@ def publish(fw: Firewall, url: str, n: int) -> dict[str, int]:
     proc = fw.run_in("server", [sys.executable, "-c", PUBLISH, url, str(n)],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)  # fmt: skip
     out, err = proc.communicate(timeout=120)
-    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+    lines = out.decode().strip().splitlines()
+    assert lines, f"the publisher printed nothing: {err.decode()[-2000:]}"
+    return json.loads(lines[-1])  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "control"])
