@@ -53,6 +53,9 @@ class Settings:
     # TCP_USER_TIMEOUT in seconds; None: idle + interval * count, so unacknowledged
     # writes give up when keepalive would. 0 leaves the kernel default.
     keepalive_user_timeout: int | None = None
+    # Reconnect, before writing, a pooled connection whose socket the kernel closed
+    # (what keepalive does to a dead path); without it the first write fails.
+    keepalive_heal: bool = True
 
     @classmethod
     def from_conf(cls, conf: Any) -> Settings:
@@ -168,4 +171,5 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "keepalive_interval": _whole(1, 600),
     "keepalive_count": _whole(1, 100),
     "keepalive_user_timeout": _whole(0, 86400),
+    "keepalive_heal": boolean,
 }

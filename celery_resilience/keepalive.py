@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -108,6 +109,7 @@ def apply(sock: Any, options: KeepaliveOptions) -> bool:
 
 _Provider = Callable[[], "KeepaliveOptions | None"]
 _provider: _Provider | None = None
+_heal = True
 _originals: dict[tuple[type, str], Any] = {}
 
 
@@ -148,30 +150,77 @@ def _patched_async_connect(original: Callable[..., Any]) -> Callable[..., Any]:
     return _connect
 
 
-def _targets() -> Iterator[tuple[type, Callable[[Callable[..., Any]], Callable[..., Any]]]]:
+_TCP_ESTABLISHED = 1  # tcpi_state, the first byte of struct tcp_info (Linux)
+_HEAL_AFTER_IDLE = 1.0  # seconds; keepalive (idle >= 1 s) cannot abort a busier socket
+
+
+def _aborted(sock: Any) -> bool:
+    """Whether the kernel has closed this socket (keepalive timeout, peer gone)."""
+    try:
+        if hasattr(socket, "TCP_INFO"):
+            return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED)
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0)
+    except (OSError, ValueError):
+        return True
+
+
+def _patched_send(original: Callable[..., Any]) -> Callable[..., Any]:
+    # Keepalive turns a dead path into a socket the kernel has closed, but redis-py writes
+    # to a pooled socket without checking it, and pools built from URLs (kombu, Celery's
+    # result backend, django-redis) have no retry: the first write fails with EPIPE.
+    # Checked here, before anything is written, reconnecting cannot duplicate a command.
+    def send_packed_command(self: Any, command: Any, check_health: bool = True) -> Any:
+        sock = self._sock
+        now = time.monotonic()
+        if (
+            sock is not None
+            and now - self.__dict__.get("_resilience_sent", now) >= _HEAL_AFTER_IDLE
+            and _heal
+            and _aborted(sock)
+        ):
+            logger.warning(
+                "resilience: reconnecting to %s: the kernel closed the idle socket",
+                self._host_error(),
+            )
+            self.disconnect()
+        self.__dict__["_resilience_sent"] = now
+        return original(self, command, check_health)
+
+    send_packed_command.__wrapped__ = original  # type: ignore[attr-defined]
+    return send_packed_command
+
+
+_Patch = tuple[type, str, Callable[[Callable[..., Any]], Callable[..., Any]]]
+
+
+def _targets() -> Iterator[_Patch]:
     import redis.connection
 
-    yield redis.connection.Connection, _patched_connect
+    yield redis.connection.Connection, "_connect", _patched_connect
+    yield redis.connection.Connection, "send_packed_command", _patched_send
     try:
         import redis.asyncio.connection as aconn
     except ImportError:  # redis-py built without asyncio support
         return
-    yield aconn.Connection, _patched_async_connect
+    yield aconn.Connection, "_connect", _patched_async_connect
 
 
-def enable(provider: _Provider) -> None:
+def enable(provider: _Provider, *, heal: bool = True) -> None:
     """Patch redis-py so every new TCP connection gets ``provider()``'s options.
 
     ``provider`` is called per connect (cheap: settings are cached) and may return None
-    to leave a socket alone. Calling ``enable`` again only replaces the provider.
+    to leave a socket alone. With ``heal``, a connection idle for a second or more is
+    reconnected before a write when the kernel has closed its socket. Calling ``enable``
+    again only replaces the provider and the heal flag.
     """
-    global _provider
-    _provider = provider
-    for cls, wrap in _targets():
-        key = (cls, "_connect")
+    global _provider, _heal
+    _provider, _heal = provider, heal
+    for cls, name, wrap in _targets():
+        key = (cls, name)
         if key not in _originals:
-            _originals[key] = cls.__dict__["_connect"]
-            cls._connect = wrap(_originals[key])  # type: ignore[attr-defined]
+            # The class's own attribute, or None when it is inherited (undo deletes ours).
+            _originals[key] = cls.__dict__.get(name)
+            setattr(cls, name, wrap(getattr(cls, name)))
 
 
 def disable() -> None:
@@ -179,7 +228,10 @@ def disable() -> None:
     global _provider
     _provider = None
     for (cls, name), original in _originals.items():
-        setattr(cls, name, original)
+        if original is None:
+            delattr(cls, name)
+        else:
+            setattr(cls, name, original)
     _originals.clear()
 
 

@@ -35,5 +35,6 @@ def install(app: Any, *, keepalive: bool = True) -> Any:
         control.register()
         # This process (a web process publishing tasks, too): settings are read lazily at
         # the first connect, so install() may run before the configuration is loaded.
+        # Healing is on here; a worker's bootstep applies resilience_keepalive_heal.
         enable_keepalive(lambda: options_from(settings_for(app)))
     return app

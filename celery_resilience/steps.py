@@ -45,7 +45,10 @@ class Keepalive(bootsteps.Step):  # type: ignore[misc]
         app = worker.app
         options = keepalive.options_from(settings_for(app))
         if options is not None:
-            keepalive.enable(lambda: keepalive.options_from(settings_for(app)))
+            keepalive.enable(
+                lambda: keepalive.options_from(settings_for(app)),
+                heal=settings_for(app).keepalive_heal,
+            )
             keepalive.sweep(options)
             worker_process_init.connect(_sweep_child, weak=False, dispatch_uid=self.name)
         super().__init__(worker, **kwargs)

@@ -491,6 +491,17 @@ class Firewall:
             raise FirewallError(f"cannot parse nft counter output: {out!r}")
         return int(match.group(1))
 
+    def block(self) -> None:
+        """Drop every forwarded packet (an outage between client and server) until
+        :meth:`unblock`; conntrack entries stay, so only the hosts' own timers act."""
+        _run(["ip", "netns", "exec", self.names["fw"], "nft", "-f", "-"], input=(
+            "table inet crblock {\n chain forward {\n"
+            "  type filter hook forward priority -10; policy drop;\n }\n}\n"
+        ))  # fmt: skip
+
+    def unblock(self) -> None:
+        _run(["ip", "netns", "exec", self.names["fw"], "nft", "delete", "table", "inet", "crblock"])
+
     def __repr__(self) -> str:
         mode = "reject" if self.reject_forgotten else "drop"
         state = "up" if self._started else "down"

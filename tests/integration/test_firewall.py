@@ -53,9 +53,9 @@ class NetnsWorker(PreforkWorker):
 PUBLISH = """
 import json, sys, time
 from celery import Celery
-url, n = sys.argv[1], int(sys.argv[2])
+url, n, task = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 app = Celery("publisher", broker=url + "/0", backend=url + "/1", set_as_current=False)
-results = [app.send_task("census.touch", args=(0.2,)) for _ in range(n)]
+results = [app.send_task(task, args=(0.2,)) for _ in range(n)]
 deadline = time.monotonic() + 30
 ok = 0
 for r in results:
@@ -68,9 +68,9 @@ print(json.dumps({"ok": ok, "failed": n - ok}))
 """
 
 
-def publish(fw: Firewall, url: str, n: int) -> dict[str, int]:
+def publish(fw: Firewall, url: str, n: int, task: str = "census.touch") -> dict[str, int]:
     """Publish n tasks from the server namespace; how many finished within 30 s."""
-    proc = fw.run_in("server", [sys.executable, "-c", PUBLISH, url, str(n)],
+    proc = fw.run_in("server", [sys.executable, "-c", PUBLISH, url, str(n), task],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)  # fmt: skip
     out, err = proc.communicate(timeout=120)
     lines = out.decode().strip().splitlines()
@@ -78,13 +78,8 @@ def publish(fw: Firewall, url: str, n: int) -> dict[str, int]:
     return json.loads(lines[-1])  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "control"])
-def test_worker_idle_past_the_firewall_timeout_loses_nothing(
-    firewall: Firewall, plugin: bool, capsys: pytest.CaptureFixture[str]
-) -> None:
-    server = firewall.redis_server()
-    url = f"redis://{firewall.server_addr}:{server.port}"
-    env = {
+def worker_env(url: str, plugin: bool) -> dict[str, str]:
+    return {
         "CENSUS_REDIS_URL": url,
         "CENSUS_PLUGIN": "1" if plugin else "0",
         # Keepalive must beat the 3 s conntrack timeout: probe after 1 s idle.
@@ -93,9 +88,20 @@ def test_worker_idle_past_the_firewall_timeout_loses_nothing(
         "CELERY_RESILIENCE_KEEPALIVE_COUNT": "3",
         "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
-    worker = NetnsWorker(firewall, "client", "examples.census.app", concurrency=2, env=env,
-                         cwd=REPO)  # fmt: skip
-    with worker:
+
+
+def census_worker(fw: Firewall, url: str, plugin: bool) -> NetnsWorker:
+    return NetnsWorker(fw, "client", "examples.census.app", concurrency=2, cwd=REPO,
+                       env=worker_env(url, plugin))  # fmt: skip
+
+
+@pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "control"])
+def test_worker_idle_past_the_firewall_timeout_loses_nothing(
+    firewall: Firewall, plugin: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = firewall.redis_server()
+    url = f"redis://{firewall.server_addr}:{server.port}"
+    with census_worker(firewall, url, plugin) as worker:
         worker.start()
         before = publish(firewall, url, 4)  # opens every connection in both children
         time.sleep(CONNTRACK_TIMEOUT + 5)  # idle: the firewall forgets idle flows
@@ -110,3 +116,35 @@ def test_worker_idle_past_the_firewall_timeout_loses_nothing(
         assert after == {"ok": 4, "failed": 0} and forgotten == 0
     else:
         assert after["failed"] >= 1 and forgotten >= 1
+
+
+@pytest.mark.parametrize("heal", [True, False], ids=["heal", "control-no-heal"])
+def test_sockets_the_kernel_aborted_are_healed_on_first_use(
+    firewall: Firewall, heal: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Keepalive turns a dead path into a socket the kernel closed (not a hang); the next
+    use of that socket must be healed. The task's own clients are healed by
+    ResilientTask's in-process tier either way; Celery's result backend only by the heal.
+    """
+    server = firewall.redis_server()
+    url = f"redis://{firewall.server_addr}:{server.port}"
+    worker = census_worker(firewall, url, plugin=True)
+    worker.env["CELERY_RESILIENCE_KEEPALIVE_HEAL"] = "1" if heal else "0"
+    with worker:
+        worker.start()
+        before = publish(firewall, url, 4)
+        firewall.block()  # probes go unanswered: after 1 + 1 * 3 s the kernel aborts
+        time.sleep(8)
+        firewall.unblock()
+        after = publish(firewall, url, 4)
+        log = worker.log
+        worker.kill()
+    healed = log.count("the kernel closed the idle socket")
+    with capsys.disabled():
+        print(f"\n  abort {'heal' if heal else 'no heal'}: before {before}, after the outage "
+              f"{after}, reconnected before a write: {healed}")  # fmt: skip
+    assert before == {"ok": 4, "failed": 0}
+    if heal:
+        assert after == {"ok": 4, "failed": 0} and healed >= 1
+    else:
+        assert after["failed"] >= 1 and "Broken pipe" in log

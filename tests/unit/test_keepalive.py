@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -103,3 +104,21 @@ def test_options_from_settings() -> None:
 def test_bad_keepalive_settings_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigurationError, match=f"resilience_{key}="):
         Settings.from_conf({f"resilience_{key}": value})
+
+
+def test_a_socket_the_peer_closed_counts_as_aborted(listener: socket.socket) -> None:
+    with socket.create_connection(listener.getsockname()) as sock:
+        peer, _ = listener.accept()
+        assert keepalive._aborted(sock) is False
+        peer.close()  # FIN: our side goes to CLOSE_WAIT
+        time.sleep(0.05)
+        assert keepalive._aborted(sock) is True
+
+
+def test_undo_restores_inherited_methods() -> None:
+    before = {n: redis.connection.Connection.__dict__.get(n)
+              for n in ("_connect", "send_packed_command")}  # fmt: skip
+    keepalive.enable(lambda: None)
+    keepalive.disable()
+    after = {n: redis.connection.Connection.__dict__.get(n) for n in before}
+    assert after == before
