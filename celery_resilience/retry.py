@@ -134,6 +134,7 @@ class ResilientTask(Task):  # type: ignore[misc]  # celery ships no type stubs
         # Wrap run() on the instance, as Celery's own autoretry does: the worker calls
         # task.run directly, and a second super().__call__ in a custom __call__ would run
         # without the delivery's request context (celery/app/trace.py stack protection).
+        # _resilience_run keeps the unwrapped body and guards against wrapping twice.
         if not hasattr(self, "_resilience_run"):
             self._resilience_run = self.run
             self.run = _resilient_run(self, self.run)
