@@ -63,7 +63,9 @@ def options_from(settings: Settings) -> KeepaliveOptions | None:
         return None
     user_timeout = settings.keepalive_user_timeout
     if user_timeout is None:
-        user_timeout = settings.keepalive_idle + settings.keepalive_interval * settings.keepalive_count
+        user_timeout = (
+            settings.keepalive_idle + settings.keepalive_interval * settings.keepalive_count
+        )
     return KeepaliveOptions(
         settings.keepalive_idle, settings.keepalive_interval, settings.keepalive_count,
         user_timeout,
@@ -158,7 +160,9 @@ def _aborted(sock: Any) -> bool:
     """Whether the kernel has closed this socket (keepalive timeout, peer gone)."""
     try:
         if hasattr(socket, "TCP_INFO"):
-            return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED)
+            return bool(
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED
+            )
         return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0)
     except (OSError, ValueError):
         return True

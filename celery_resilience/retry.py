@@ -185,9 +185,7 @@ class ResilientTask(Task):  # type: ignore[misc]  # celery ships no type stubs
                 attempt += 1
                 now = time.monotonic()
                 started = started or now
-                delay = backoff(
-                    policy.inprocess_backoff, attempt, policy.inprocess_backoff_max
-                )
+                delay = backoff(policy.inprocess_backoff, attempt, policy.inprocess_backoff_max)
                 in_process = now + delay - started <= policy.inprocess_budget
                 self._report_transient(exc, cause, attempt, "inprocess" if in_process else "celery")
                 if not in_process:

@@ -95,7 +95,9 @@ def main() -> None:
     autoretry = restart_scenario("autoretry", "plain Celery (autoretry_for)", log_dir)
     survived = restart_scenario("", "celery-resilience", log_dir)
 
-    header = f"  {'':<26} {'status':<8} {'done':>9} {'lost':>5}   {'cause in job log':<17} {'time':>6}"
+    header = (
+        f"  {'':<26} {'status':<8} {'done':>9} {'lost':>5}   {'cause in job log':<17} {'time':>6}"
+    )
     print("\n" + header + "\n  " + "-" * (len(header) - 2))
     print(row("reset: naive task", naive, IMAGES))
     print(row("reset: ResilientTask", resilient, IMAGES))

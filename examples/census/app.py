@@ -55,4 +55,3 @@ def touch(hold: float = 0.0) -> int:
     _async_incr("census:async")
     time.sleep(hold)
     return os.getpid()
-

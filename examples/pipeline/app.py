@@ -71,7 +71,7 @@ def _conf_from_env() -> dict[str, Any]:
     """Extra settings the demo and tests pass to a worker subprocess."""
     conf: dict[str, Any] = {
         # CELERY_RESILIENCE_MAX_RETRIES=3 -> resilience_max_retries (Django-style names).
-        key[len("CELERY_"):].lower(): value
+        key[len("CELERY_") :].lower(): value
         for key, value in os.environ.items()
         if key.startswith("CELERY_RESILIENCE_")
     }

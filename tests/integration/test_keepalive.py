@@ -71,8 +71,10 @@ def covered(entries: list[dict[str, Any]]) -> int:
     return sum(1 for e in entries if all(e.get(k) == v for k, v in EXPECTED.items()))
 
 
-@pytest.mark.skipif(not hasattr(os, "pidfd_open") or not hasattr(socket, "TCP_KEEPIDLE"),
-                    reason="needs Linux >= 5.6 (pidfd_getfd) to read another process's sockets")
+@pytest.mark.skipif(
+    not hasattr(os, "pidfd_open") or not hasattr(socket, "TCP_KEEPIDLE"),
+    reason="needs Linux >= 5.6 (pidfd_getfd) to read another process's sockets",
+)
 @pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
 @pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "control"])
 def test_every_redis_socket_of_the_worker_has_keepalive(

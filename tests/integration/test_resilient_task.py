@@ -30,8 +30,11 @@ def app(redis_url: str) -> Iterator[Celery]:
         resilience_inprocess_backoff=0.01,
         resilience_retry_backoff=0.05,
         resilience_retry_backoff_max=0.1,
-        broker_transport_options={"priority_steps": list(range(10)), "sep": ":",
-                                  "queue_order_strategy": "priority"},
+        broker_transport_options={
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
     )
     install(app)
     yield app
@@ -42,6 +45,7 @@ def events() -> Iterator[list[str]]:
     seen: list[str] = []
     receivers = {}
     for name in ("transient_error", "retry_scheduled", "retries_exhausted"):
+
         def receiver(sender: Any, _name: str = name, **kw: Any) -> None:
             seen.append(_name)
 

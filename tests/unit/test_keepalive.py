@@ -82,7 +82,10 @@ def test_a_failing_provider_never_breaks_the_connect(
 
     keepalive.enable(broken)
     host, port = listener.getsockname()
-    with caplog.at_level(logging.ERROR), redis.connection.Connection(host=host, port=port)._connect():
+    with (
+        caplog.at_level(logging.ERROR),
+        redis.connection.Connection(host=host, port=port)._connect(),
+    ):
         pass
     assert "keepalive options unavailable" in caplog.text
 

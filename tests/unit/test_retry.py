@@ -35,6 +35,7 @@ def events() -> Iterator[list[tuple[str, dict[str, Any]]]]:
     receivers = []
     for name in ("transient_error", "retry_scheduled", "retries_exhausted",
                  "retry_publish_failed"):  # fmt: skip
+
         def receiver(sender: Any, _name: str = name, **kw: Any) -> None:
             seen.append((_name, kw))
 
@@ -83,9 +84,7 @@ def test_terminal_errors_fail_on_first_attempt(app: Celery, events: list, error:
     assert len(body.calls) == 1 and events == []
 
 
-def test_eager_retries_stop_at_the_limit_with_the_original_error(
-    app: Celery, events: list
-) -> None:
+def test_eager_retries_stop_at_the_limit_with_the_original_error(app: Celery, events: list) -> None:
     reset = rex.ConnectionError("reset")
     hook_calls: list[tuple[Any, ...]] = []
 
