@@ -1,5 +1,8 @@
 """``celery -A proj inspect resilience_sockets``: each worker's keepalive audit.
 
+Celery 5.3's CLI only knows its built-in inspect commands; there (and anywhere) use
+``python -m celery_resilience.control -A proj`` instead, which prints the same JSON.
+
 The command runs in the worker's main process. It reports the main process's Redis
 sockets (from redis-py's connection objects) and, where the kernel allows it
 (Linux >= 5.6, same user or root), each pool child's sockets whose peer is one of the
@@ -57,3 +60,24 @@ def register() -> None:
 
     if NAME not in Panel.data:
         inspect_command(name=NAME)(resilience_sockets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m celery_resilience.control -A proj [--timeout 5]``: the audit as JSON."""
+    import argparse
+    import json
+
+    from celery.utils.imports import symbol_by_name
+
+    parser = argparse.ArgumentParser(prog="python -m celery_resilience.control")
+    parser.add_argument("-A", "--app", required=True, help="the Celery app, as for celery -A")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    opts = parser.parse_args(argv)
+    app = symbol_by_name(opts.app if ":" in opts.app else opts.app + ":app")
+    replies = app.control.broadcast(NAME, reply=True, timeout=opts.timeout)
+    print(json.dumps({k: v for reply in replies for k, v in reply.items()}, indent=2))
+    return 0 if replies else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

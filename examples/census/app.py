@@ -40,6 +40,7 @@ _local = threading.local()
 def _async_incr(key: str) -> None:
     if not hasattr(_local, "loop"):
         _local.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(_local.loop)  # Python 3.9: the client binds the current loop
         _local.client = redis.asyncio.Redis(
             host=_url.hostname or "127.0.0.1", port=_url.port or 6379, db=3
         )

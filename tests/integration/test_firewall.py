@@ -10,6 +10,7 @@ backend, the django-redis cache and the application clients.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis.connection
 
 from tests.bench.netns import Firewall, netns_available
 from tests.bench.workers import PreforkWorker
@@ -118,6 +120,13 @@ def test_worker_idle_past_the_firewall_timeout_loses_nothing(
         assert after["failed"] >= 1 and forgotten >= 1
 
 
+def _pool_heals_at_checkout() -> bool:
+    """redis-py up to 6.x tests a pooled connection at checkout and reconnects a dead one;
+    from 7.x that check is skipped while maint notifications are on (the default)."""
+    source = inspect.getsource(redis.connection.ConnectionPool.get_connection)
+    return "can_read" in source and "maint_notifications_enabled" not in source
+
+
 @pytest.mark.parametrize("heal", [True, False], ids=["heal", "control-no-heal"])
 def test_sockets_the_kernel_aborted_are_healed_on_first_use(
     firewall: Firewall, heal: bool, capsys: pytest.CaptureFixture[str]
@@ -145,6 +154,9 @@ def test_sockets_the_kernel_aborted_are_healed_on_first_use(
               f"{after}, reconnected before a write: {healed}")  # fmt: skip
     assert before == {"ok": 4, "failed": 0}
     if heal:
-        assert after == {"ok": 4, "failed": 0} and healed >= 1
+        assert after == {"ok": 4, "failed": 0}
+        assert healed >= 1 or _pool_heals_at_checkout()
+    elif _pool_heals_at_checkout():
+        assert after == {"ok": 4, "failed": 0}  # this redis-py heals on its own
     else:
         assert after["failed"] >= 1 and "Broken pipe" in log
