@@ -10,7 +10,6 @@ backend, the django-redis cache and the application clients.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-import redis.connection
+import redis
 
 from tests.bench.netns import Firewall, netns_available
 from tests.bench.workers import PreforkWorker
@@ -121,10 +120,10 @@ def test_worker_idle_past_the_firewall_timeout_loses_nothing(
 
 
 def _pool_heals_at_checkout() -> bool:
-    """redis-py up to 6.x tests a pooled connection at checkout and reconnects a dead one;
-    from 7.x that check is skipped while maint notifications are on (the default)."""
-    source = inspect.getsource(redis.connection.ConnectionPool.get_connection)
-    return "can_read" in source and "maint_notifications_enabled" not in source
+    """Measured: redis-py 4.x reconnects a pooled connection whose socket the kernel closed
+    when it is checked out (the control then finishes 4/4); 5.2 and 8.1 hand it out, and
+    the first write fails with Broken pipe (2/4)."""
+    return int(redis.__version__.split(".")[0]) < 5
 
 
 @pytest.mark.parametrize("heal", [True, False], ids=["heal", "control-no-heal"])
