@@ -56,6 +56,12 @@ class Settings:
     # Reconnect, before writing, a pooled connection whose socket the kernel closed
     # (what keepalive does to a dead path); without it the first write fails.
     keepalive_heal: bool = True
+    # Stamp every task message with its origin (queue, exchange/routing key, priority);
+    # retries and messages kombu restores go back there (seed 002).
+    routing: bool = True
+    # Where a restored message goes when no queue can be worked out for it (kombu would
+    # drop it). Nothing consumes it unless a worker is started with -Q for it.
+    quarantine_queue: str = "resilience.quarantine"
 
     @classmethod
     def from_conf(cls, conf: Any) -> Settings:
@@ -123,6 +129,13 @@ def boolean(key: str, raw: Any) -> bool:
     raise ConfigurationError(key, raw, "must be true or false")
 
 
+def queue_name(key: str, raw: Any) -> str:
+    """Parse a queue name: a non-empty string without surrounding whitespace."""
+    if not isinstance(raw, str) or not raw or raw != raw.strip():
+        raise ConfigurationError(key, raw, "must be a non-empty queue name without spaces")
+    return raw
+
+
 def exception_classes(key: str, raw: Any) -> tuple[type[BaseException], ...]:
     """Parse exception classes given as classes or ``"pkg.mod:Name"`` / ``"pkg.mod.Name"``."""
     items: Iterable[Any] = [raw] if isinstance(raw, (str, type)) else raw
@@ -172,4 +185,6 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "keepalive_count": _whole(1, 100),
     "keepalive_user_timeout": _whole(0, 86400),
     "keepalive_heal": boolean,
+    "routing": boolean,
+    "quarantine_queue": queue_name,
 }

@@ -11,12 +11,13 @@ from . import control
 from .config import settings_for
 from .keepalive import enable as enable_keepalive
 from .keepalive import options_from
+from .routing import install_routing
 from .steps import Keepalive, KeepaliveReport, SettingsCheck
 
 __all__ = ["install"]
 
 
-def install(app: Any, *, keepalive: bool = True) -> Any:
+def install(app: Any, *, keepalive: bool = True, routing: bool = True) -> Any:
     """Register celery-resilience with ``app`` and return ``app``.
 
     - A worker bootstep validates every ``resilience_*`` setting when the worker starts
@@ -24,6 +25,11 @@ def install(app: Any, *, keepalive: bool = True) -> Any:
     - ``keepalive=True``: TCP keepalive on every Redis connection this process opens
       from now on (web processes too), and in a worker on the ones already open and in
       its pool children; ``celery inspect resilience_sockets`` audits it.
+    - ``routing=True``: every task message published from this process is stamped with
+      its origin (queue, exchange/routing key, priority); ResilientTask retries and
+      messages kombu's Redis transport restores go back there, and a restored message
+      kombu would drop goes to ``resilience_quarantine_queue`` (``resilience_routing``
+      turns it off without a code change).
 
     Tasks get the retry behaviour from :class:`~celery_resilience.ResilientTask`
     (``task_cls=ResilientTask`` or ``base=ResilientTask``).
@@ -37,4 +43,8 @@ def install(app: Any, *, keepalive: bool = True) -> Any:
         # the first connect, so install() may run before the configuration is loaded.
         # Healing is on here; a worker's bootstep applies resilience_keepalive_heal.
         enable_keepalive(lambda: options_from(settings_for(app)))
+    if routing:
+        # Process-wide and lazy like keepalive: the publish receiver and kombu's restore
+        # read the settings at first use.
+        install_routing(app)
     return app

@@ -6,8 +6,9 @@ Two tiers, both driven by :func:`~celery_resilience.transient.is_transient`:
    exponential, fully jittered wait, while the message stays unacked (``acks_late``).
    Nothing is re-published, so a 150 ms connection reset costs well under a second.
 2. **Celery retry.** Once the in-process budget is spent, :meth:`Task.retry` publishes a
-   new message with exponential backoff, full jitter, a cap and a limit. Celery keeps the
-   original queue, exchange/routing key and priority of the delivery.
+   new message with exponential backoff, full jitter, a cap and a limit, to the queue,
+   exchange/routing key and priority stamped when the task was first published
+   (:mod:`~celery_resilience.routing`; Celery alone reuses those of the delivery).
 
 Celery answers a retry whose *publish* fails with ``Reject(requeue=False)``: the task is
 dropped. :meth:`ResilientTask.retry` instead retries the publish for a short budget and
@@ -29,7 +30,7 @@ from typing import Any, Callable
 from celery import Task
 from celery.exceptions import Reject, Retry
 
-from . import signals
+from . import routing, signals
 from .config import _PARSERS, Settings, settings_for
 from .transient import transient_cause
 
@@ -237,6 +238,8 @@ class ResilientTask(Task):  # type: ignore[misc]  # celery ships no type stubs
             )  # fmt: skip
         if exc is not None and request.retries >= max_retries and not request.called_directly:
             self._retries_exhausted(exc)
+        # Back to the stamped origin (queue, priority), not wherever this delivery came from.
+        options = routing.retry_options(request, options)
         return self._publish_retry(
             policy.publish_budget, policy, dict(
                 args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta,
@@ -292,8 +295,8 @@ class ResilientTask(Task):  # type: ignore[misc]  # celery ships no type stubs
         signals.send(
             signals.retry_scheduled, self,
             exc=call.get("exc"), countdown=call.get("countdown"),
-            retries=request.retries + 1, queue=info.get("routing_key"),
-            priority=info.get("priority"), task_id=request.id,
+            retries=request.retries + 1, queue=call.get("queue") or info.get("routing_key"),
+            priority=call.get("priority", info.get("priority")), task_id=request.id,
         )  # fmt: skip
 
     def _retries_exhausted(self, exc: BaseException) -> None:

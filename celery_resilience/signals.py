@@ -24,7 +24,12 @@ arguments only:
     Keepalive options were applied to sockets. kwargs: ``sockets`` (how many), ``total``.
 ``message_rerouted``
     A restored message was sent to a destination other than the one kombu derived.
-    kwargs: ``queue``, ``priority``, ``original`` and ``reason``.
+    The sender is kombu's Redis channel. kwargs: ``queue`` (where it went),
+    ``priority`` (whose list), ``original`` (the Redis lists kombu would have pushed it
+    to; ``[]``: kombu would have dropped it), ``reason`` (``"origin"``: its stamp;
+    ``"quarantine"``: no destination could be worked out) and ``task_id``. Sent inside
+    kombu's restore transaction, which redis-py re-runs after a WATCH conflict: a
+    receiver may see the same message twice.
 
 :func:`send` is what the package uses to emit: a receiver that raises is logged and
 never breaks the task, the worker or the other receivers.

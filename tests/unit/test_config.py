@@ -45,6 +45,9 @@ def test_django_namespace_is_read() -> None:
         ("retry_jitter", "maybe", "true or false"),
         ("transient_errors", ["no.such.module:Err"], "importable"),
         ("terminal_errors", [int], "exception class"),
+        ("routing", "perhaps", "true or false"),
+        ("quarantine_queue", "", "non-empty queue name"),
+        ("quarantine_queue", " padded ", "non-empty queue name"),
     ],
 )
 def test_bad_value_names_the_key(key: str, value: Any, needle: str) -> None:
