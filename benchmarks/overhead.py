@@ -59,8 +59,7 @@ def main() -> None:
         env = {"BENCH_BROKER_URL": server.url(0), "PYTHONPATH": str(REPO)}
         worker = PreforkWorker("benchmarks.overhead_app", concurrency=2, env=env, cwd=str(REPO),
                                queues=["idle"])  # fmt: skip
-        with worker as w:
-            w.start()
+        with worker:
             one_round(app, server, "bench.plain", 200, "warmup")  # fork, connect, import
             one_round(app, server, "bench.resilient", 200, "warmup")
             rates: dict[str, list[float]] = {"bench.plain": [], "bench.resilient": []}

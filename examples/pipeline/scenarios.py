@@ -86,7 +86,6 @@ def run_through_restart(
     done = lambda: int(client.get("job:1:done:results") or 0)  # noqa: E731
     started = time.monotonic()
     with PreforkWorker("examples.pipeline.app", concurrency=2, env=env, cwd=REPO) as worker:
-        worker.start()
         _wait(lambda: _report(progress, done, n) >= restart_after, timeout=60)
         server.restart(down_for=down_for, save=True)
         _wait(lambda: _settled(client, progress, n), timeout=90, steady=3.0)

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 _PR_SET_PDEATHSIG = 1
 
@@ -30,6 +30,25 @@ class Closable(Protocol):
     """Anything the bench can shut down at session end: stop it and free its files."""
 
     def close(self) -> Any: ...
+
+
+_Started = TypeVar("_Started", bound="StartClose")
+
+
+class StartClose:
+    """``with thing:`` starts it (``start()`` returns self) and closes it on the way out."""
+
+    def start(self: _Started) -> _Started:
+        raise NotImplementedError
+
+    def close(self) -> Any:
+        raise NotImplementedError
+
+    def __enter__(self: _Started) -> _Started:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _load_prctl() -> Callable[..., int] | None:

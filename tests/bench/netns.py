@@ -39,7 +39,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, Callable, TypeVar
 
 import redis
@@ -285,7 +284,7 @@ def _addresses(pid: int, n: int) -> tuple[str, str, str, str]:
     return (str(client_net + 2), str(client_net + 1), str(server_net + 1), str(server_net + 2))
 
 
-class Firewall:
+class Firewall(_proc.StartClose):
     """client ── fw ── server network namespaces with a conntrack firewall in the middle.
 
     >>> with Firewall(conntrack_timeout=3) as fw:
@@ -404,17 +403,6 @@ class Firewall:
             _proc.unregister(self)
 
     close = stop  # the bench registry's protocol
-
-    def __enter__(self) -> Firewall:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- running things inside --------------------------------------------------------------
 

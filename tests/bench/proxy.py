@@ -24,7 +24,6 @@ import struct
 import threading
 import time
 from concurrent.futures import Future
-from types import TracebackType
 from typing import Any, Callable
 
 import redis
@@ -50,7 +49,7 @@ class _Pair:
         self.closed = False
 
 
-class ResetProxy:
+class ResetProxy(_proc.StartClose):
     """TCP proxy on 127.0.0.1:``port`` to ``upstream_host:upstream_port`` with RST injection."""
 
     def __init__(self, upstream_host: str, upstream_port: int, *, port: int | None = None) -> None:
@@ -179,17 +178,6 @@ class ResetProxy:
     def client(self, db: int = 0, **kwargs: Any) -> redis.Redis:
         """A redis-py client through the proxy, without automatic retries."""
         return no_retry_client(self.url(db), **kwargs)
-
-    def __enter__(self) -> ResetProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         host, port = self.upstream

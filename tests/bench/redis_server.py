@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -164,7 +163,7 @@ def _with_db(url: str, db: int) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
 
 
-class RedisServer:
+class RedisServer(_proc.StartClose):
     """A private ``redis-server`` on 127.0.0.1 that can be stopped, killed and restarted.
 
     ``persistent=False`` models a server without a disk: every ``restart`` comes back
@@ -367,17 +366,6 @@ class RedisServer:
 
     def _failure(self, what: str) -> str:
         return f"redis-server on port {self.port} {what}; log tail:\n{self._log_tail()}"
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.is_running else "stopped"

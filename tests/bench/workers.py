@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _proc
@@ -111,7 +110,7 @@ def _reset_event_loop() -> None:
     set_event_loop(None)
 
 
-class PreforkWorker:
+class PreforkWorker(_proc.StartClose):
     """A real ``celery -A app worker`` subprocess in its own process group.
 
     Output goes to a log file (``log`` property).  The main process gets
@@ -277,17 +276,6 @@ class PreforkWorker:
 
     def _failure(self, what: str) -> str:
         return f"celery worker {self.hostname} {what}; log tail:\n{_proc.tail(self.log, 40)}"
-
-    def __enter__(self) -> PreforkWorker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.alive else f"rc={self.returncode}"

@@ -103,7 +103,6 @@ def test_worker_idle_past_the_firewall_timeout_loses_nothing(
     server = firewall.redis_server()
     url = f"redis://{firewall.server_addr}:{server.port}"
     with census_worker(firewall, url, plugin) as worker:
-        worker.start()
         before = publish(firewall, url, 4)  # opens every connection in both children
         time.sleep(CONNTRACK_TIMEOUT + 5)  # idle: the firewall forgets idle flows
         after = publish(firewall, url, 4)
@@ -139,7 +138,6 @@ def test_sockets_the_kernel_aborted_are_healed_on_first_use(
     worker = census_worker(firewall, url, plugin=True)
     worker.env["CELERY_RESILIENCE_KEEPALIVE_HEAL"] = "1" if heal else "0"
     with worker:
-        worker.start()
         before = publish(firewall, url, 4)
         firewall.block()  # probes go unanswered: after 1 + 1 * 3 s the kernel aborts
         time.sleep(8)

@@ -82,7 +82,6 @@ def test_every_redis_socket_of_the_worker_has_keepalive(
     private_redis: RedisServer, pool: str, plugin: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with census_worker(private_redis, pool, plugin) as worker:
-        worker.start()
         pids = run_tasks(private_redis, private_redis.url(0))
         entries = census(private_redis, worker)
         log, main_pid = worker.log, worker.pid
@@ -129,7 +128,6 @@ def test_seed_000_deployment_rabbitmq_broker_redis_backend_and_cache(
                     set_as_current=False)  # fmt: skip
     try:
         with worker:
-            worker.start()
             results = [client.send_task("census.touch", args=(0.5,), queue=queue)
                        for _ in range(4)]  # fmt: skip
             pids = {r.get(timeout=60) for r in results}
@@ -161,7 +159,6 @@ INSPECT = (
 
 def test_inspect_resilience_sockets_reports_the_census(private_redis: RedisServer) -> None:
     with census_worker(private_redis, "prefork", True) as worker:
-        worker.start()
         run_tasks(private_redis, private_redis.url(0))
         proc = subprocess.run(
             INSPECT,
