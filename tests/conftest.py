@@ -89,13 +89,7 @@ def redis_server() -> Iterator[SessionRedis]:
     if external is not None:
         yield ExternalRedis(external)
         return
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        _collect_garbage()
-        server.close()
+    yield from _running_server()
 
 
 def _collect_garbage() -> None:
@@ -121,11 +115,8 @@ def redis_url(redis_server: SessionRedis) -> str:
     return redis_server.url(0)
 
 
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    """A fresh redis-server for this test only: restart/kill/pause it freely."""
-    if not have_redis_server_binary():
-        pytest.skip("needs a redis-server binary (only an external REDIS_URL is available)")
+def _running_server() -> Iterator[RedisServer]:
+    """A started RedisServer, stopped (after a GC pass, see _collect_garbage) when done."""
     server = RedisServer()
     server.start()
     try:
@@ -133,6 +124,14 @@ def private_redis() -> Iterator[RedisServer]:
     finally:
         _collect_garbage()
         server.close()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A fresh redis-server for this test only: restart/kill/pause it freely."""
+    if not have_redis_server_binary():
+        pytest.skip("needs a redis-server binary (only an external REDIS_URL is available)")
+    yield from _running_server()
 
 
 @pytest.fixture

@@ -102,8 +102,8 @@ def test_eager_retries_stop_at_the_limit_with_the_original_error(app: Celery, ev
     assert hook_calls == [(reset, "job-7", (7,), {})]
 
 
-def test_failed_retry_publish_requeues_instead_of_dropping(app: Celery, events: list) -> None:
-    task = app.task(flaky([]), name="t.publish", shared=False)
+def retry_in_worker(task: Any) -> Reject:
+    """Call ``task.retry`` as a worker delivery would; the Reject it raises."""
     task.push_request(id="abc", retries=0, called_directly=False, is_eager=False,
                       delivery_info={"routing_key": "celery", "priority": 0})  # fmt: skip
     try:
@@ -111,20 +111,18 @@ def test_failed_retry_publish_requeues_instead_of_dropping(app: Celery, events: 
             task.retry(exc=rex.ConnectionError("reset"))
     finally:
         task.pop_request()
-    assert info.value.requeue is True
+    return info.value
+
+
+def test_failed_retry_publish_requeues_instead_of_dropping(app: Celery, events: list) -> None:
+    task = app.task(flaky([]), name="t.publish", shared=False)
+    assert retry_in_worker(task).requeue is True
     assert [e for e, _ in events] == ["retry_publish_failed"]
 
 
 def test_control_plain_celery_drops_the_task_when_retry_publish_fails(app: Celery) -> None:
     task = app.task(flaky([]), name="t.plain", base=Task, shared=False)
-    task.push_request(id="abc", retries=0, called_directly=False, is_eager=False,
-                      delivery_info={"routing_key": "celery", "priority": 0})  # fmt: skip
-    try:
-        with pytest.raises(Reject) as info:
-            task.retry(exc=rex.ConnectionError("reset"))
-    finally:
-        task.pop_request()
-    assert info.value.requeue is False  # Celery's own behaviour: the message is dropped
+    assert retry_in_worker(task).requeue is False  # Celery's own: the message is dropped
 
 
 def test_a_broken_receiver_never_breaks_the_task(app: Celery) -> None:
