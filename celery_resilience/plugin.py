@@ -12,12 +12,12 @@ from .config import settings_for
 from .keepalive import enable as enable_keepalive
 from .keepalive import options_from
 from .routing import install_routing
-from .steps import Keepalive, KeepaliveReport, SettingsCheck
+from .steps import Keepalive, KeepaliveReport, ReliableFetch, SettingsCheck
 
 __all__ = ["install"]
 
 
-def install(app: Any, *, keepalive: bool = True, routing: bool = True) -> Any:
+def install(app: Any, *, keepalive: bool = True, routing: bool = True, fetch: bool = True) -> Any:
     """Register celery-resilience with ``app`` and return ``app``.
 
     - A worker bootstep validates every ``resilience_*`` setting when the worker starts
@@ -30,6 +30,10 @@ def install(app: Any, *, keepalive: bool = True, routing: bool = True) -> Any:
       messages kombu's Redis transport restores go back there, and a restored message
       kombu would drop goes to ``resilience_quarantine_queue`` (``resilience_routing``
       turns it off without a code change).
+    - ``fetch=True``: a worker on a Redis broker takes each message atomically into its
+      unacked record, and a reclaimer thread puts back what a lost connection or a dead
+      worker left behind, keeps held messages' leases, and survives Redis restarts
+      (``resilience_fetch`` turns it off without a code change).
 
     Tasks get the retry behaviour from :class:`~celery_resilience.ResilientTask`
     (``task_cls=ResilientTask`` or ``base=ResilientTask``).
@@ -43,6 +47,8 @@ def install(app: Any, *, keepalive: bool = True, routing: bool = True) -> Any:
         # the first connect, so install() may run before the configuration is loaded.
         # Healing is on here; a worker's bootstep applies resilience_keepalive_heal.
         enable_keepalive(lambda: options_from(settings_for(app)))
+    if fetch:
+        app.steps["worker"].add(ReliableFetch)
     if routing:
         # Process-wide and lazy like keepalive: the publish receiver and kombu's restore
         # read the settings at first use.

@@ -8,8 +8,9 @@ from typing import Any
 from celery import bootsteps
 from celery.signals import worker_process_init
 
-from . import keepalive, signals
+from . import fetch, inflight, keepalive, signals
 from .config import reset_settings, settings_for
+from .reclaim import Reclaimer
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,31 @@ def _current_settings() -> Any:
     from celery import current_app
 
     return settings_for(current_app)
+
+
+class ReliableFetch(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Atomic fetch and the reclaimer thread (see :mod:`~celery_resilience.reclaim`).
+
+    Starts before the consumer and, since Celery's Consumer step is the last to start,
+    stops after it: the reclaimer's last pass sees what the closing channels left.
+    """
+
+    name = "celery_resilience.ReliableFetch"
+    requires = (SettingsCheck,)
+
+    def create(self, worker: Any) -> Reclaimer | None:
+        app = worker.app
+        inflight.enable(worker.hostname)  # the connparams fix applies with fetch off too
+        options = fetch.options_from(settings_for(app))
+        if options is None or not _redis_broker(app):
+            return None
+        fetch.enable(lambda: fetch.options_from(settings_for(app)))
+        return Reclaimer(app, options)  # StartStopStep starts and stops it with the worker
+
+
+def _redis_broker(app: Any) -> bool:
+    transport = app.connection_for_write().transport_cls
+    return str(transport).split("+")[0] in ("redis", "rediss", "sentinel")
 
 
 class KeepaliveReport(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -71,6 +71,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(marker)
 
 
+@pytest.fixture(autouse=True)
+def _fetch_patches_undone() -> Iterator[None]:
+    """A worker's ReliableFetch step patches kombu process-wide; no test inherits that."""
+    yield
+    from celery_resilience import fetch, inflight
+
+    fetch.disable()
+    inflight.disable()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Fixtures stop what they start; this catches what tests started by hand and leaked.
     leaked = stop_all()

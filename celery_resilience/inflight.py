@@ -1,0 +1,353 @@
+"""In-flight messages: what this worker holds, so that a broken connection loses nothing.
+
+Every message the atomic fetch (:mod:`~celery_resilience.fetch`) takes is recorded, in
+the same step, in kombu's ``unacked`` hash and in this worker's in-flight hash
+``resilience.inflight.<owner>`` (delivery tag -> id of the channel that fetched it).
+This module keeps the process's side of that bookkeeping and patches the three places
+where kombu's Redis transport mishandles a lost connection:
+
+- ``Channel._connparams``: after ``Connection.collect()`` has cleared the transport's
+  client, kombu builds a new pool from ``None`` and raises ``AttributeError: 'NoneType'
+  object has no attribute 'hostname'`` — in ``Channel.close`` (restoring the unacked
+  messages; the "Unrecoverable error" that kills a Celery 5.7 worker on a Redis
+  restart) and in every late ack of a task that outlived its connection. The patch keeps
+  the channel's connection info, so closing and acking work on a fresh connection.
+- ``QoS.restore_unacked`` (runs when a consuming channel closes): kombu restores every
+  message the channel delivered, including tasks still running in the pool (a duplicate
+  as soon as Redis answers) and, when Redis is down, gives up on all of them, leaving them
+  in ``unacked`` for the visibility timeout (an hour by default). The guard restores the
+  messages nobody runs now; what it cannot restore, and what is still running, waits in
+  the *limbo* of this process for the reclaimer (:mod:`~celery_resilience.reclaim`).
+- ``QoS._remove_from_indices`` (ack, reject, restore): also forgets the message in the
+  in-flight hash and in the limbo.
+
+When Redis has lost its data (restarted without persistence, or from an older dump: its
+``run_id`` changed), a message this process still holds in memory and that Redis no
+longer records is pushed back from the in-memory copy. :func:`disable` undoes the patches.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import uuid
+import weakref
+from collections.abc import Iterable
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["disable", "enable", "enabled", "held_key", "owner", "restore_one"]
+
+HELD_PREFIX = "resilience.inflight."
+
+
+@dataclasses.dataclass
+class Held:
+    """A message of a closed channel that is neither acked nor restored yet."""
+
+    message: Any  # kombu's Message (its _raw payload is the in-memory copy)
+    run_id: str | None  # Redis's run_id when it was fetched
+    request: Any = None  # weakref to the Celery request still running it, or None
+
+
+class _Registry:
+    """The process-wide bookkeeping. Shared by the main thread and the reclaimer."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner = ""
+        self.channels: weakref.WeakSet[Any] = weakref.WeakSet()  # channels that fetch
+        self.limbo: dict[str, Held] = {}
+
+    def reset_owner(self, name: str) -> None:
+        self.owner = f"{name}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+
+
+_registry = _Registry()
+
+
+def owner() -> str:
+    """This process's owner id: ``<worker hostname>.<pid>.<random>``."""
+    if not _registry.owner:
+        _registry.reset_owner(socket.gethostname())
+    return _registry.owner
+
+
+def held_key(of: str | None = None) -> str:
+    """The in-flight hash of ``of`` (default: this process), without kombu's key prefix."""
+    return HELD_PREFIX + (of or owner())
+
+
+def track(channel: Any, chan_id: str, run_id: str | None) -> None:
+    """Called by the fetch when ``channel`` starts fetching."""
+    channel.__dict__["_resilience_chan"] = (chan_id, run_id)
+    with _registry.lock:
+        _registry.channels.add(channel)
+
+
+def open_channels() -> list[Any]:
+    """Fetching channels that still hold their deliveries (closing ones included)."""
+    with _registry.lock:
+        return [c for c in _registry.channels if _live(c)]
+
+
+def _live(channel: Any) -> bool:
+    # A closing channel holds its deliveries until restore_unacked has moved them to the
+    # limbo (kombu skips that call when it delivered nothing).
+    if channel.__dict__.get("_resilience_settled"):
+        return False
+    qos = channel.__dict__.get("_qos")
+    return not channel.closed or bool(qos is not None and qos._delivered)
+
+
+def live_ids() -> set[str]:
+    """Ids of the channels whose in-flight entries are theirs to settle, not the reclaimer's."""
+    return {c.__dict__["_resilience_chan"][0] for c in open_channels()}
+
+
+def limbo() -> dict[str, Held]:
+    """A snapshot of the limbo."""
+    with _registry.lock:
+        return dict(_registry.limbo)
+
+
+def forget(tags: Iterable[str]) -> None:
+    with _registry.lock:
+        for tag in tags:
+            _registry.limbo.pop(tag, None)
+
+
+# -- what runs now ----------------------------------------------------------------------------
+
+
+def running() -> dict[str, Any]:
+    """Delivery tag -> Celery request, for every task handed to this worker's pool."""
+    try:
+        from celery.worker import state
+    except ImportError:  # pragma: no cover - celery is a dependency
+        return {}
+    requests = _snapshot(state.active_requests) + _snapshot(state.reserved_requests)
+    active = set(map(id, _snapshot(state.active_requests)))
+    out = {}
+    for request in requests:
+        if id(request) in active or getattr(request, "_apply_result", None) is not None:
+            tag = getattr(getattr(request, "_message", None), "delivery_tag", None)
+            if tag is not None:
+                out[str(tag)] = request
+    return out
+
+
+def still_running(held: Held) -> bool:
+    request = held.request() if held.request is not None else None
+    return bool(request is not None and not getattr(request, "acknowledged", False))
+
+
+def _snapshot(items: Any) -> list[Any]:
+    # Read from the reclaimer thread while the main thread adds and removes.
+    for _ in range(10):
+        try:
+            return list(items)
+        except RuntimeError:  # changed size during iteration
+            continue
+    return []
+
+
+def held_tags() -> list[str]:
+    """Tags this process still needs: open channels' deliveries and running limbo ones."""
+    tags: list[str] = []
+    for channel in open_channels():
+        qos = channel.__dict__.get("_qos")
+        if qos is not None:
+            tags.extend(str(tag) for tag in _snapshot(qos._delivered))
+    tags.extend(tag for tag, held in limbo().items() if still_running(held))
+    return tags
+
+
+# -- restoring one message --------------------------------------------------------------------
+
+
+def run_id(client: Any) -> str | None:
+    try:
+        return client.info("server").get("run_id")  # type: ignore[no-any-return]
+    except Exception as exc:  # INFO renamed or refused: no data-loss detection
+        if isinstance(exc, _connection_errors()):
+            raise
+        return None
+
+
+def restore_one(qos: Any, tag: str, message: Any, client: Any, *, lost: bool) -> None:
+    """Put message ``tag`` back in its queue, as kombu's ``QoS.restore_by_tag`` does.
+
+    If Redis no longer records it and ``lost`` (Redis lost data since it was fetched),
+    the in-memory ``message`` is pushed back instead, so the work is not lost with Redis.
+    """
+    from kombu.utils.encoding import bytes_to_str
+    from kombu.utils.json import loads
+
+    def restore_transaction(pipe: Any) -> None:
+        record = pipe.hget(qos.unacked_key, tag)
+        pipe.multi()
+        qos._remove_from_indices(tag, pipe)
+        if record:
+            payload, exchange, routing_key = loads(bytes_to_str(record))
+        elif lost and message is not None:
+            info = message.delivery_info or {}
+            payload, exchange, routing_key = (
+                copy.deepcopy(message._raw),
+                info.get("exchange"),
+                info.get("routing_key"),
+            )
+            logger.warning("resilience: Redis lost message %s; pushed back from memory", tag)
+        else:  # acked, or restored by someone else already
+            return
+        qos.channel._do_restore_message(payload, exchange, routing_key, pipe, False)
+
+    client.transaction(restore_transaction, qos.unacked_key)
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+# -- the patches ------------------------------------------------------------------------------
+
+
+def _patched_connparams(original: Callable[..., Any]) -> Callable[..., Any]:
+    # Connection.collect() sets transport.client = None; every later pool this channel
+    # builds (to restore at close, to ack a task that outlived the connection) then
+    # fails with AttributeError, which no caller catches. Give the dead transport back
+    # the connection info it was created with; it is used by this channel only.
+    def _connparams(self: Any, asynchronous: bool = False) -> Any:
+        transport = self.connection
+        if transport.client is None and "_resilience_conninfo" in self.__dict__:
+            transport.client = self.__dict__["_resilience_conninfo"]
+        elif transport.client is not None:
+            self.__dict__["_resilience_conninfo"] = transport.client
+        return original(self, asynchronous)
+
+    _connparams.__wrapped__ = original  # type: ignore[attr-defined]
+    return _connparams
+
+
+def _patched_remove(original: Callable[..., Any]) -> Callable[..., Any]:
+    # ack, reject and restore_by_tag all end here: the one place to forget the message
+    # in the in-flight hash too (same pipeline, no extra round trip).
+    def _remove_from_indices(self: Any, delivery_tag: Any, pipe: Any = None) -> Any:
+        pipe = original(self, delivery_tag, pipe)
+        tag = str(delivery_tag)
+        with _registry.lock:
+            _registry.limbo.pop(tag, None)
+        return pipe.hdel(held_key(), tag)
+
+    _remove_from_indices.__wrapped__ = original  # type: ignore[attr-defined]
+    return _remove_from_indices
+
+
+def _patched_restore_unacked(original: Callable[..., Any]) -> Callable[..., Any]:
+    # A closing channel restores what it delivered. Only the messages no pool process
+    # runs now go back; the rest (and all of them when Redis is unreachable) wait in the
+    # limbo, from where the reclaimer restores them (or their ack removes them).
+    def restore_unacked(self: Any, client: Any = None) -> Any:
+        chan = self.channel.__dict__.get("_resilience_chan")
+        if chan is None:
+            return original(self, client)
+        try:
+            _restore_delivered(self, chan[1], client)
+        finally:
+            if self.channel.closed:
+                self.channel.__dict__["_resilience_settled"] = True
+        return None
+
+    restore_unacked.__wrapped__ = original  # type: ignore[attr-defined]
+    return restore_unacked
+
+
+def _restore_delivered(qos: Any, fetched_run_id: str | None, client: Any) -> None:
+    delivered = list(qos._delivered.items())
+    qos._delivered.clear()
+    busy = {} if _terminating() else running()
+    todo = []
+    with _registry.lock:
+        for tag, message in delivered:
+            request = busy.get(str(tag))
+            if request is not None:
+                _registry.limbo[str(tag)] = Held(message, fetched_run_id, weakref.ref(request))
+            else:
+                todo.append((str(tag), message))
+    restored = 0
+    try:
+        with qos.channel.conn_or_acquire(client) as client:
+            lost = data_lost(fetched_run_id, run_id(client))
+            for tag, message in todo:
+                restore_one(qos, tag, message, client, lost=lost)
+                restored += 1
+    except _connection_errors() + tuple(qos.channel.connection_errors) as exc:
+        with _registry.lock:
+            for tag, message in todo[restored:]:
+                _registry.limbo[tag] = Held(message, fetched_run_id)
+        logger.warning(
+            "resilience: %d message(s) could not be restored now (%s); they are restored "
+            "once Redis answers", len(todo) - restored, exc,
+        )  # fmt: skip
+    if busy and delivered:
+        logger.info("resilience: %d running task(s) keep their message until they finish",
+                    sum(1 for tag, _ in delivered if str(tag) in busy))  # fmt: skip
+
+
+def data_lost(before: str | None, now: str | None) -> bool:
+    """Whether Redis may have lost data since ``before`` (its run_id changes on restart)."""
+    return before is not None and now is not None and before != now
+
+
+def _terminating() -> bool:
+    # A cold shutdown has killed the pool: nothing runs any more.
+    try:
+        from celery.worker import state
+    except ImportError:  # pragma: no cover
+        return False
+    return state.should_terminate not in (None, False)
+
+
+# -- enable / disable -------------------------------------------------------------------------
+
+_originals: dict[tuple[Any, str], Any] = {}
+
+
+def _targets() -> list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]]:
+    from kombu.transport.redis import Channel, QoS
+
+    return [
+        (Channel, "_connparams", _patched_connparams),
+        (QoS, "restore_unacked", _patched_restore_unacked),
+        (QoS, "_remove_from_indices", _patched_remove),
+    ]
+
+
+def enable(name: str | None = None) -> None:
+    """Patch kombu's Redis transport; ``name`` (a worker's hostname) names the owner."""
+    if name and not _registry.owner:
+        _registry.reset_owner(name)
+    for cls, attr, wrap in _targets():
+        if (cls, attr) not in _originals:
+            _originals[(cls, attr)] = cls.__dict__[attr]
+            setattr(cls, attr, wrap(cls.__dict__[attr]))
+
+
+def disable() -> None:
+    """Undo :func:`enable` and forget the limbo (tests)."""
+    for (cls, attr), original in _originals.items():
+        setattr(cls, attr, original)
+    _originals.clear()
+    with _registry.lock:
+        _registry.limbo.clear()
+
+
+def enabled() -> bool:
+    return bool(_originals)

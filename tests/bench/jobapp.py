@@ -1,0 +1,83 @@
+"""A job app for restart tests: ``celery -A tests.bench.jobapp worker``.
+
+Configured from the environment:
+
+- ``JOB_BROKER_URL`` (required; no fallback to a system Redis); job state on the same Redis.
+- ``JOB_PLUGIN=1``: ``install(app)`` and ResilientTask; otherwise plain Celery, whose task
+  retries its own Redis errors with ``autoretry_for`` (the seed's proposed fix).
+- ``JOB_VISIBILITY_TIMEOUT``: kombu's visibility timeout, swept every second.
+- ``JOB_ORPHAN_TIMEOUT``, ``JOB_HEARTBEAT``: the reclaimer's settings.
+
+``job.item(n, seconds)`` works ``seconds`` and then records item ``n`` idempotently: the
+job's count goes up only the first time ``n`` is recorded, however often the task runs;
+``runs:<n>`` counts every run, so duplicates show.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery, Task
+
+BROKER_URL = os.environ.get("JOB_BROKER_URL", "memory://")
+PLUGIN = os.environ.get("JOB_PLUGIN") == "1"
+
+app = Celery("jobapp", broker=BROKER_URL, set_as_current=False)
+app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=True)
+if "JOB_VISIBILITY_TIMEOUT" in os.environ:
+    app.conf.broker_transport_options = {
+        "visibility_timeout": float(os.environ["JOB_VISIBILITY_TIMEOUT"]),
+        "unacked_restore_interval": 1,  # kombu >= 5.6; older kombu sweeps on its own clock
+        "unacked_restore_throttle": 1,
+    }
+for key in ("ORPHAN_TIMEOUT", "HEARTBEAT"):
+    if f"JOB_{key}" in os.environ:
+        app.conf[f"resilience_fetch_{key.lower()}"] = float(os.environ[f"JOB_{key}"])
+
+# Count an item only when it is new: a retried or redelivered task cannot count twice.
+_RECORD = """
+redis.call('INCR', KEYS[3])
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  redis.call('INCR', KEYS[2])
+end
+"""
+_state = redis.Redis.from_url(BROKER_URL) if BROKER_URL.startswith("redis") else None
+
+if PLUGIN:
+    from celery_resilience import ResilientTask, install
+
+    install(app)
+    base: type[Task] = ResilientTask
+    options: dict[str, Any] = {"acks_late": True}
+else:
+    base = Task
+    options = {
+        "acks_late": True,
+        "autoretry_for": (redis.RedisError,),
+        "retry_backoff": True,
+        "retry_backoff_max": 5,
+        "retry_jitter": True,
+        "max_retries": 10,
+    }
+
+
+@app.task(name="job.item", base=base, **options)
+def item(n: int, seconds: float = 0.0) -> int:
+    if seconds:
+        time.sleep(seconds)
+    assert _state is not None
+    _state.eval(_RECORD, 3, "job:done", "job:count", f"job:runs:{n}", n)
+    return n
+
+
+def progress(client: redis.Redis, n: int) -> dict[str, int]:
+    """The job as Redis has it: items recorded, the count, items run more than once."""
+    runs = [int(v or 0) for v in client.mget([f"job:runs:{i}" for i in range(n)])] if n else []
+    return {
+        "done": int(client.scard("job:done")),
+        "count": int(client.get("job:count") or 0),
+        "duplicates": sum(1 for r in runs if r > 1),
+    }
