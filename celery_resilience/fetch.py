@@ -44,12 +44,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["FETCH_SCRIPT", "FetchOptions", "disable", "enable", "enabled", "options_from"]
 
 # KEYS: the queue lists in kombu's BRPOP order, then unacked, unacked_index, the worker's
-#       in-flight hash and the quarantine list.
-# ARGV: the unacked_index score (kombu uses the client's clock), the fetching channel's id.
+#       in-flight hash, the quarantine list and the owners zset (reclaim.OWNERS_KEY).
+# ARGV: the unacked_index score (kombu uses the client's clock), the fetching channel's id,
+#       the worker's owner name.
 # Returns {list, payload, 1} for a recorded message, {list, payload, 0} for one this
 # script could not read (moved to quarantine: kombu would have lost it), or nil.
+# The owner is registered here too (if its heartbeat has not yet): a worker killed before
+# its first heartbeat still has its messages recovered.
 FETCH_SCRIPT = r"""
-local n = #KEYS - 4
+local n = #KEYS - 5
 local unacked, index, held, quarantine = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
 for i = 1, n do
   local item = redis.call('RPOP', KEYS[i])
@@ -70,6 +73,8 @@ for i = 1, n do
                '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
     redis.call('ZADD', index, ARGV[1], tag)
     redis.call('HSET', held, tag, ARGV[2])
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[n + 5], 'NX', tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[3])
     return {KEYS[i], item, 1}
   end
 end
@@ -187,10 +192,10 @@ def _commands(channel: Any, state: _ChannelFetch, keys: list[str]) -> list[tuple
         key = p + (state.last_key if state.last_key in keys else keys[0])
         commands.append(("BLMOVE", key, key, "RIGHT", "RIGHT", _wait(channel, options)))
     own = (channel.unacked_key, channel.unacked_index_key, inflight.held_key(),
-           options.quarantine_queue)  # fmt: skip
+           options.quarantine_queue, inflight.OWNERS_KEY)  # fmt: skip
     commands.append((
         "EVALSHA", state.sha, len(keys) + len(own), *(p + key for key in (*keys, *own)),
-        repr(time.time()), state.chan_id,
+        repr(time.time()), state.chan_id, inflight.owner(),
     ))  # fmt: skip
     state.pending = len(commands)
     return commands

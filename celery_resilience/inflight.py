@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["disable", "enable", "enabled", "held_key", "owner", "restore_one"]
 
 HELD_PREFIX = "resilience.inflight."
+#: zset: worker owner name -> its last heartbeat (Redis time, seconds).
+OWNERS_KEY = "resilience.owners"
 
 
 @dataclasses.dataclass

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["OWNERS_KEY", "Reclaimer"]
 
-OWNERS_KEY = "resilience.owners"
+OWNERS_KEY = inflight.OWNERS_KEY
 _LOCK_PREFIX = "resilience.recovering."
 _CHUNK = 500  # members per ZADD when renewing leases
 _SOCKET_TIMEOUT = 10.0  # seconds; the thread's own connection only

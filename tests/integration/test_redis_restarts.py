@@ -224,6 +224,59 @@ def test_a_message_held_longer_than_the_visibility_timeout_runs_once(
     assert runs == 1 if plugin else runs >= 2
 
 
+@pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "control"])
+def test_what_the_worker_holds_survives_a_restart_that_lost_redis_data(
+    plugin: bool, server: RedisServer
+) -> None:
+    """Redis comes back empty (SHUTDOWN NOSAVE). The worker held one running task and
+    three prefetched ones; two more waited in the queue, which Redis alone held."""
+    client = server.client()
+    app = producer(server.url())
+    send(app, 0, 4.0)
+    for n in range(1, 6):
+        send(app, n)
+    with worker_for(server.url(), plugin, concurrency=1):
+        assert wait_until(lambda: client.hlen("unacked") == 4 and client.llen("celery") == 2, 10)
+        server.restart(down_for=1.0, save=False)
+        wait_until(lambda: progress(client, 6)["done"] >= 4 and _idle(client), 12)
+        wait_until(lambda: progress(client, 6)["done"] > 4, 2.0)
+    done = {int(n) for n in client.smembers("job:done")}
+    print(f"\n  restart without persistence ({'plugin' if plugin else 'control'}): "
+          f"ran {sorted(done)}")  # fmt: skip
+    if plugin:  # in memory: pushed back; only in Redis: gone with it
+        assert len(done) == 4 and 0 in done and (unacked_tags(client), in_flight(client)) == ({}, 0)
+    else:
+        assert done == {0}
+
+
+@pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "control"])
+def test_a_killed_workers_messages_are_run_by_another_worker(
+    plugin: bool, server: RedisServer
+) -> None:
+    """Worker A holds one running and three prefetched tasks and is SIGKILLed; worker B's
+    reclaimer finds A's heartbeat stale (orphan timeout 3 s) and puts them back."""
+    client = server.client()
+    app = producer(server.url())
+    env = {"JOB_ORPHAN_TIMEOUT": 3, "JOB_HEARTBEAT": 0.5, "concurrency": 1}
+    send(app, 0, 2.0)
+    for n in range(1, 4):
+        send(app, n)
+    with worker_for(server.url(), plugin, **env) as doomed:
+        assert wait_until(lambda: client.hlen("unacked") == 4, 10)
+        doomed.kill()
+    with worker_for(server.url(), plugin, **env):
+        finished = wait_until(lambda: progress(client, 4)["done"] == 4 and _idle(client), 12)
+    job = progress(client, 4)
+    print(f"\n  killed worker ({'plugin' if plugin else 'control'}): {job}, "
+          f"unacked={client.hlen('unacked')}")  # fmt: skip
+    if plugin:
+        assert (
+            finished and job["done"] == 4 and (client.hlen("unacked"), in_flight(client)) == (0, 0)
+        )
+    else:
+        assert job["done"] == 0 and client.hlen("unacked") == 4  # for the visibility timeout
+
+
 # -- the job: many restarts of every kind -----------------------------------------------------
 
 

@@ -40,9 +40,9 @@ def test_a_fetch_after_a_message_does_not_wait() -> None:
     state_ = _ChannelFetch("sha1", "", None, chan_id="c1")
     [evalsha] = commands(state_, ["q", "q\x06\x163"])
     held = inflight.held_key()
-    assert evalsha[:7] == ("EVALSHA", "sha1", 6, "q", "q\x06\x163", "unacked", "unacked_index")
-    assert evalsha[7:9] == (held, "resilience.quarantine")
-    assert evalsha[10] == "c1" and float(evalsha[9]) > 0
+    assert evalsha[:7] == ("EVALSHA", "sha1", 7, "q", "q\x06\x163", "unacked", "unacked_index")
+    assert evalsha[7:10] == (held, "resilience.quarantine", "resilience.owners")
+    assert evalsha[11:] == ("c1", inflight.owner()) and float(evalsha[10]) > 0
     assert state_.pending == 1
 
 
@@ -50,8 +50,9 @@ def test_an_idle_fetch_waits_on_the_list_of_the_last_message_with_the_prefix() -
     state_ = _ChannelFetch("sha1", "p:", None, wait_next=True, last_key="q\x06\x163")
     wait, evalsha = commands(state_, ["q", "q\x06\x163"], wait=0.5)
     assert wait == ("BLMOVE", "p:q\x06\x163", "p:q\x06\x163", "RIGHT", "RIGHT", "0.5")
-    assert evalsha[3:9] == ("p:q", "p:q\x06\x163", "p:unacked", "p:unacked_index",
-                            "p:" + inflight.held_key(), "p:resilience.quarantine")  # fmt: skip
+    assert evalsha[3:10] == ("p:q", "p:q\x06\x163", "p:unacked", "p:unacked_index",
+                             "p:" + inflight.held_key(), "p:resilience.quarantine",
+                             "p:resilience.owners")  # fmt: skip
     assert state_.pending == 2
 
 
