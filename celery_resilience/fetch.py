@@ -112,6 +112,7 @@ class _ChannelFetch:
     sha: str
     prefix: str
     run_id: str | None  # Redis's run_id when the channel started fetching
+    options: FetchOptions
     chan_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
     pending: int = 0  # replies owed by the outstanding fetch (0: none sent by us)
     wait_next: bool = False  # the last fetch found nothing: wait before the next
@@ -147,7 +148,7 @@ def _register(channel: Any) -> _ChannelFetch | bool:
             _step_aside(f"Redis refused the fetch script ({exc})")
             return False
     state = _ChannelFetch(str(sha), getattr(channel, "global_keyprefix", "") or "",
-                          info.get("run_id"))  # fmt: skip
+                          info.get("run_id"), options)  # fmt: skip
     inflight.track(channel, state.chan_id, state.run_id)
     return state
 
@@ -185,7 +186,7 @@ def _patched_start(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _commands(channel: Any, state: _ChannelFetch, keys: list[str]) -> list[tuple[Any, ...]]:
-    options = _options() or FetchOptions()
+    options = state.options
     p = state.prefix
     commands: list[tuple[Any, ...]] = []
     if state.wait_next:
@@ -265,7 +266,7 @@ def _deliver(channel: Any, state: _ChannelFetch, reply: Any) -> bool:
     if not int(reply[2]):
         logger.warning(
             "resilience: an unreadable message in %r was moved to the quarantine queue %r "
-            "(kombu would have dropped it)", dest, (_options() or FetchOptions()).quarantine_queue,
+            "(kombu would have dropped it)", dest, state.options.quarantine_queue,
         )  # fmt: skip
         return True
     payload = loads(bytes_to_str(reply[1]))

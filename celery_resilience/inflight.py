@@ -3,15 +3,16 @@
 Every message the atomic fetch (:mod:`~celery_resilience.fetch`) takes is recorded, in
 the same step, in kombu's ``unacked`` hash and in this worker's in-flight hash
 ``resilience.inflight.<owner>`` (delivery tag -> id of the channel that fetched it).
-This module keeps the process's side of that bookkeeping and patches the three places
-where kombu's Redis transport mishandles a lost connection:
+This module keeps the process's side of that bookkeeping and patches the places
+where kombu's Redis transport (and Celery's prefork pool) mishandle a lost connection:
 
 - ``Channel._connparams``: after ``Connection.collect()`` has cleared the transport's
-  client, kombu builds a new pool from ``None`` and raises ``AttributeError: 'NoneType'
-  object has no attribute 'hostname'`` — in ``Channel.close`` (restoring the unacked
-  messages; the "Unrecoverable error" that kills a Celery 5.7 worker on a Redis
-  restart) and in every late ack of a task that outlived its connection. The patch keeps
-  the channel's connection info, so closing and acking work on a fresh connection.
+  client (and closing the channel its transport), kombu builds a new pool from ``None``
+  and raises ``AttributeError: 'NoneType' object has no attribute 'hostname'`` — in
+  ``Channel.close`` (restoring the unacked messages; the "Unrecoverable error" that
+  kills a Celery 5.7 worker on a Redis restart) and in every late ack of a task that
+  outlived its connection. The patch keeps the channel's connection info, so closing
+  and acking work on a fresh connection.
 - ``QoS.restore_unacked`` (runs when a consuming channel closes): kombu restores every
   message the channel delivered, including tasks still running in the pool (a duplicate
   as soon as Redis answers) and, when Redis is down, gives up on all of them, leaving them
@@ -20,6 +21,11 @@ where kombu's Redis transport mishandles a lost connection:
   the *limbo* of this process for the reclaimer (:mod:`~celery_resilience.reclaim`).
 - ``QoS._remove_from_indices`` (ack, reject, restore): also forgets the message in the
   in-flight hash and in the limbo.
+- ``Transport.close_connection``: kombu stops closing the transport's channels at the
+  first one that raises (the remote-control channel, with Redis down), so the consumer's
+  channel is never closed and never hands back what it delivered (Celery <= 5.6).
+- Celery's ``AsynPool.flush``: it forgets the tasks the pool runs (<= 5.6) or was sent
+  (5.7) when the connection is lost, so they are never acked; the patch keeps them.
 
 When Redis has lost its data (restarted without persistence, or from an older dump: its
 ``run_id`` changed), a message this process still holds in memory and that Redis no
@@ -37,6 +43,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
@@ -145,8 +152,22 @@ def running() -> dict[str, Any]:
 
 
 def still_running(held: Held) -> bool:
+    """Whether the pool still runs this limbo entry's task and will report back on it.
+
+    Then Celery acks (or rejects) the message when the result comes in. A job the pool
+    no longer tracks brings no ack: its message goes back to its queue.
+    """
     request = held.request() if held.request is not None else None
-    return bool(request is not None and not getattr(request, "acknowledged", False))
+    if request is None or getattr(request, "acknowledged", False):
+        return False
+    ref = getattr(request, "_apply_result", None)
+    job = ref() if ref is not None else None
+    table = getattr(job, "_cache", None)
+    if table is not None:  # a billiard (prefork) job: tracked while in the pool's table
+        return table.get(getattr(job, "_job", None)) is job
+    from celery.worker import state  # other pools: active until the task is done
+
+    return any(other is request for other in _snapshot(state.active_requests))
 
 
 def _snapshot(items: Any) -> list[Any]:
@@ -177,7 +198,7 @@ def run_id(client: Any) -> str | None:
     try:
         return client.info("server").get("run_id")  # type: ignore[no-any-return]
     except Exception as exc:  # INFO renamed or refused: no data-loss detection
-        if isinstance(exc, _connection_errors()):
+        if isinstance(exc, connection_errors()):
             raise
         return None
 
@@ -212,7 +233,7 @@ def restore_one(qos: Any, tag: str, message: Any, client: Any, *, lost: bool) ->
     client.transaction(restore_transaction, qos.unacked_key)
 
 
-def _connection_errors() -> tuple[type[BaseException], ...]:
+def connection_errors() -> tuple[type[BaseException], ...]:
     import redis
 
     return (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -222,20 +243,82 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 def _patched_connparams(original: Callable[..., Any]) -> Callable[..., Any]:
-    # Connection.collect() sets transport.client = None; every later pool this channel
-    # builds (to restore at close, to ack a task that outlived the connection) then
-    # fails with AttributeError, which no caller catches. Give the dead transport back
-    # the connection info it was created with; it is used by this channel only.
+    # Connection.collect() sets transport.client = None, and closing the channel sets
+    # channel.connection = None; every pool the channel builds after that (to restore at
+    # close, to ack a task that outlived the connection) fails with AttributeError, which
+    # no caller catches. Build it from the connection info the channel was created with.
     def _connparams(self: Any, asynchronous: bool = False) -> Any:
         transport = self.connection
-        if transport.client is None and "_resilience_conninfo" in self.__dict__:
-            transport.client = self.__dict__["_resilience_conninfo"]
-        elif transport.client is not None:
-            self.__dict__["_resilience_conninfo"] = transport.client
-        return original(self, asynchronous)
+        if transport is not None and transport.client is not None:
+            self.__dict__["_resilience_conninfo"] = (transport.client, transport.default_port)
+            return original(self, asynchronous)
+        saved = self.__dict__.get("_resilience_conninfo")
+        if saved is None:
+            return original(self, asynchronous)
+        client, port = saved
+        return original(_Rebound(self, SimpleNamespace(client=client, default_port=port)),
+                        asynchronous)  # fmt: skip
 
     _connparams.__wrapped__ = original  # type: ignore[attr-defined]
     return _connparams
+
+
+class _Rebound:
+    """The channel as kombu's ``_connparams`` reads it, with its transport's info back."""
+
+    def __init__(self, channel: Any, connection: Any) -> None:
+        self._channel = channel
+        self.connection = connection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+
+def _patched_close_connection(original: Callable[..., Any]) -> Callable[..., Any]:
+    # kombu closes the transport's channels one after the other and stops at the first
+    # close that raises: with Redis down, the remote-control channel's close (deleting its
+    # auto-delete queue) raises, and the consumer's channel after it is never closed, so
+    # what it delivered is never handed back (Celery <= 5.6 does not close it later).
+    # kombu pops each channel before closing it: calling again goes on with the rest.
+    def close_connection(self: Any, connection: Any) -> Any:
+        first: BaseException | None = None
+        for _ in range(len(self.channels) + len(self._avail_channels) + 1):
+            try:
+                original(self, connection)
+                break
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    close_connection.__wrapped__ = original  # type: ignore[attr-defined]
+    return close_connection
+
+
+def _patched_flush(original: Callable[..., Any]) -> Callable[..., Any]:
+    # On a lost connection Celery forgets the pool's jobs ("they can't be acked anyway":
+    # with kombu alone the ack would crash on the collected transport): <= 5.6 all of
+    # them, 5.7 those not yet accepted, even when written to a busy child, which will run
+    # them. Such a task is never acked; kombu runs it again after the visibility timeout.
+    # Its ack works now (see _patched_connparams), so keep every job a child has or is
+    # being sent; the ones still waiting in the outbound buffer are dropped, and handed back.
+    def flush(self: Any) -> Any:
+        sent = {k: job for k, job in self._cache.items() if _sent(self, job)}
+        try:
+            return original(self)
+        finally:
+            for key, job in sent.items():
+                self._cache.setdefault(key, job)
+
+    flush.__wrapped__ = original  # type: ignore[attr-defined]
+    return flush
+
+
+def _sent(pool: Any, job: Any) -> bool:
+    if getattr(job, "_accepted", False):
+        return True
+    # With synack Celery cancels (NACKs) unaccepted jobs: the child will not run them.
+    return not getattr(pool, "synack", False) and getattr(job, "_write_to", None) is not None
 
 
 def _patched_remove(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -290,7 +373,7 @@ def _restore_delivered(qos: Any, fetched_run_id: str | None, client: Any) -> Non
             for tag, message in todo:
                 restore_one(qos, tag, message, client, lost=lost)
                 restored += 1
-    except _connection_errors() + tuple(qos.channel.connection_errors) as exc:
+    except connection_errors() + tuple(qos.channel.connection_errors) as exc:
         with _registry.lock:
             for tag, message in todo[restored:]:
                 _registry.limbo[tag] = Held(message, fetched_run_id)
@@ -323,12 +406,15 @@ _originals: dict[tuple[Any, str], Any] = {}
 
 
 def _targets() -> list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]]:
-    from kombu.transport.redis import Channel, QoS
+    from celery.concurrency.asynpool import AsynPool
+    from kombu.transport.redis import Channel, QoS, Transport
 
     return [
         (Channel, "_connparams", _patched_connparams),
         (QoS, "restore_unacked", _patched_restore_unacked),
         (QoS, "_remove_from_indices", _patched_remove),
+        (Transport, "close_connection", _patched_close_connection),  # inherited (virtual)
+        (AsynPool, "flush", _patched_flush),
     ]
 
 
@@ -338,14 +424,18 @@ def enable(name: str | None = None) -> None:
         _registry.reset_owner(name)
     for cls, attr, wrap in _targets():
         if (cls, attr) not in _originals:
-            _originals[(cls, attr)] = cls.__dict__[attr]
-            setattr(cls, attr, wrap(cls.__dict__[attr]))
+            # The class's own attribute, or None when inherited (undo deletes ours).
+            _originals[(cls, attr)] = cls.__dict__.get(attr)
+            setattr(cls, attr, wrap(getattr(cls, attr)))
 
 
 def disable() -> None:
     """Undo :func:`enable` and forget the limbo (tests)."""
     for (cls, attr), original in _originals.items():
-        setattr(cls, attr, original)
+        if original is None:
+            delattr(cls, attr)
+        else:
+            setattr(cls, attr, original)
     _originals.clear()
     with _registry.lock:
         _registry.limbo.clear()

@@ -73,12 +73,13 @@ class Reclaimer:
     # -- lifecycle (a Celery StartStopStep's obj) ----------------------------------------
 
     def start(self) -> None:
-        self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="resilience-reclaimer",
                                         daemon=True)  # fmt: skip
         self._thread.start()
 
     def stop(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.options.heartbeat * 5)
@@ -94,12 +95,19 @@ class Reclaimer:
     terminate = stop
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.wait(self._interval()):
             try:
                 self.tick()
+                failing = False
             except Exception as exc:
                 self._since = None
-                logger.debug("resilience: reclaim tick failed: %r", exc)
+                if isinstance(exc, inflight.connection_errors()) or failing:
+                    logger.debug("resilience: reclaim pass failed: %r", exc)
+                else:  # not Redis being away: say so once per streak
+                    logger.exception("resilience: reclaim pass failed; retrying every %ss",
+                                     self._interval())  # fmt: skip
+                failing = True
 
     def _interval(self) -> float:
         # Leases must be renewed well within kombu's visibility timeout.

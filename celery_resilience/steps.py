@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_shutdown
 
 from . import fetch, inflight, keepalive, signals
 from .config import reset_settings, settings_for
@@ -71,21 +71,42 @@ def _current_settings() -> Any:
 class ReliableFetch(bootsteps.StartStopStep):  # type: ignore[misc]
     """Atomic fetch and the reclaimer thread (see :mod:`~celery_resilience.reclaim`).
 
-    Starts before the consumer and, since Celery's Consumer step is the last to start,
-    stops after it: the reclaimer's last pass sees what the closing channels left.
+    The reclaimer starts with the worker and stops at ``worker_shutdown``: on a warm
+    shutdown Celery stops the steps (this one before the pool has finished its tasks) and
+    only then closes the consumer's channel, which hands back what it still holds. The
+    last pass must come after both.
     """
 
     name = "celery_resilience.ReliableFetch"
     requires = (SettingsCheck,)
 
-    def create(self, worker: Any) -> Reclaimer | None:
+    def create(self, worker: Any) -> None:
         app = worker.app
+        self.reclaimer: Reclaimer | None = None
         inflight.enable(worker.hostname)  # the connparams fix applies with fetch off too
         options = fetch.options_from(settings_for(app))
         if options is None or not _redis_broker(app):
-            return None
+            return
         fetch.enable(lambda: fetch.options_from(settings_for(app)))
-        return Reclaimer(app, options)  # StartStopStep starts and stops it with the worker
+        self.reclaimer = Reclaimer(app, options)
+        worker_shutdown.connect(self.last_pass, sender=worker, weak=False)
+
+    def start(self, worker: Any) -> None:
+        if self.reclaimer is not None:
+            self.reclaimer.start()
+
+    def stop(self, worker: Any) -> None:
+        """Nothing yet: the pool and the consumer's channel are still at work."""
+
+    def terminate(self, worker: Any) -> None:
+        # A cold shutdown sends no worker_shutdown. Its pool is gone and the closing
+        # channel hands back everything it holds, so nothing is left for a later pass.
+        self.last_pass(sender=worker)
+
+    def last_pass(self, sender: Any = None, **_: Any) -> None:
+        worker_shutdown.disconnect(self.last_pass, sender=sender)
+        if self.reclaimer is not None:
+            self.reclaimer.stop()
 
 
 def _redis_broker(app: Any) -> bool:

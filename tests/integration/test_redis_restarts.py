@@ -106,7 +106,7 @@ def test_worker_survives_a_redis_restart_while_tasks_run(plugin: bool, server: R
         assert wait_until(lambda: client.hlen("unacked") == 6, 10)
         server.restart(down_for=1.0)
         settled = wait_until(lambda: progress(client, 6)["done"] == 6 or not worker.alive, 15)
-        settled = settled and worker.alive
+        settled = settled and worker.alive and wait_until(lambda: _idle(client), 10)
         alive, log = worker.alive, worker.log
     job = progress(client, 6)
     print(f"\n  restart with tasks running ({'plugin' if plugin else 'control'}): alive={alive} "
@@ -117,8 +117,8 @@ def test_worker_survives_a_redis_restart_while_tasks_run(plugin: bool, server: R
         assert (client.hlen("unacked"), in_flight(client)) == (0, 0)
     elif CELERY_CLOSES_COLLECTED:
         assert not alive and HOSTNAME_CRASH in log
-    else:  # the worker lives, but what it had prefetched waits for the visibility timeout
-        assert alive and not settled and client.hlen("unacked") >= 1
+    else:  # it lives, but what it had prefetched is lost (kombu 5.5) or waits an hour
+        assert alive and not settled and job["done"] < 6
 
 
 # -- gap 2: the window between taking a message and recording it ------------------------------

@@ -8,8 +8,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from celery.concurrency.asynpool import AsynPool
 from celery.worker import state
-from kombu.transport.redis import Channel, QoS
+from kombu.transport.redis import Channel, QoS, Transport
+from kombu.transport.virtual.base import Transport as VirtualTransport
 
 from celery_resilience import ConfigurationError, Settings, fetch, inflight
 from celery_resilience.fetch import FetchOptions, _ChannelFetch
@@ -28,16 +30,20 @@ def channel(**attrs: Any) -> Any:
     return SimpleNamespace(**{**defaults, **attrs})
 
 
-def commands(state_: _ChannelFetch, keys: list[str], **options: Any) -> list[tuple[Any, ...]]:
-    fetch.enable(lambda: FetchOptions(**options))
+def commands(state_: _ChannelFetch, keys: list[str]) -> list[tuple[Any, ...]]:
     return fetch._commands(channel(), state_, keys)
+
+
+def state_of(sha: str = "sha1", prefix: str = "", **kwargs: Any) -> _ChannelFetch:
+    options = FetchOptions(wait=kwargs.pop("wait", 0.2))
+    return _ChannelFetch(sha, prefix, None, options, **kwargs)
 
 
 # -- the commands a fetch sends ---------------------------------------------------------------
 
 
 def test_a_fetch_after_a_message_does_not_wait() -> None:
-    state_ = _ChannelFetch("sha1", "", None, chan_id="c1")
+    state_ = state_of(chan_id="c1")
     [evalsha] = commands(state_, ["q", "q\x06\x163"])
     held = inflight.held_key()
     assert evalsha[:7] == ("EVALSHA", "sha1", 7, "q", "q\x06\x163", "unacked", "unacked_index")
@@ -47,8 +53,8 @@ def test_a_fetch_after_a_message_does_not_wait() -> None:
 
 
 def test_an_idle_fetch_waits_on_the_list_of_the_last_message_with_the_prefix() -> None:
-    state_ = _ChannelFetch("sha1", "p:", None, wait_next=True, last_key="q\x06\x163")
-    wait, evalsha = commands(state_, ["q", "q\x06\x163"], wait=0.5)
+    state_ = state_of(prefix="p:", wait=0.5, wait_next=True, last_key="q\x06\x163")
+    wait, evalsha = commands(state_, ["q", "q\x06\x163"])
     assert wait == ("BLMOVE", "p:q\x06\x163", "p:q\x06\x163", "RIGHT", "RIGHT", "0.5")
     assert evalsha[3:10] == ("p:q", "p:q\x06\x163", "p:unacked", "p:unacked_index",
                              "p:" + inflight.held_key(), "p:resilience.quarantine",
@@ -62,7 +68,7 @@ def test_the_wait_never_outlasts_kombus_brpop_timeout() -> None:
 
 
 def test_a_queue_the_last_message_is_not_in_any_more_waits_on_the_first_list() -> None:
-    state_ = _ChannelFetch("sha1", "", None, wait_next=True, last_key="gone")
+    state_ = state_of(wait_next=True, last_key="gone")
     wait, _ = commands(state_, ["a", "b"])
     assert wait[1] == "a"
 
@@ -118,13 +124,51 @@ def test_running_tasks_are_the_active_ones_and_those_handed_to_the_pool() -> Non
             state.reserved_requests.discard(r)
 
 
-def test_a_held_message_stops_running_once_acknowledged_or_gone() -> None:
-    request = Request("a")
+class Job:
+    """A billiard job: it sits in the pool's job table while the pool tracks it."""
+
+    def __init__(self, table: dict[int, Any], key: int, accepted: bool = True,
+                 sent: bool = True) -> None:  # fmt: skip
+        self._cache, self._job, self._accepted = table, key, accepted
+        self._write_to = object() if sent else None
+        table[key] = self
+
+
+def test_a_held_message_runs_while_the_pool_tracks_its_job_and_until_acknowledged() -> None:
+    table: dict[int, Any] = {}
+    request, job = Request("a"), Job(table, 1)
+    request._apply_result = weakref.ref(job)
     held = inflight.Held(message=None, run_id=None, request=weakref.ref(request))
     assert inflight.still_running(held)
+    del table[1]  # the pool forgot it: no ack will ever come
+    assert not inflight.still_running(held)
+    table[1] = job
     request.acknowledged = True
     assert not inflight.still_running(held)
-    assert not inflight.still_running(inflight.Held(None, None, None))
+    assert not inflight.still_running(inflight.Held(None, None, None))  # request gone
+
+
+def test_without_a_pool_job_table_a_task_runs_while_it_is_active() -> None:
+    request = Request("t")  # threads/solo: no billiard job to look at
+    held = inflight.Held(message=None, run_id=None, request=weakref.ref(request))
+    assert not inflight.still_running(held)
+    state.active_requests.add(request)
+    try:
+        assert inflight.still_running(held)
+    finally:
+        state.active_requests.discard(request)
+
+
+def test_a_lost_connection_no_longer_makes_the_pool_forget_its_running_jobs() -> None:
+    """Celery <= 5.6's AsynPool.flush empties the job table: running tasks never ack."""
+    table: dict[int, Any] = {}
+    running, sent = Job(table, 1), Job(table, 2, accepted=False)
+    Job(table, 3, accepted=False, sent=False)  # still in the outbound buffer
+    flush = inflight._patched_flush(lambda self: self._cache.clear())
+    flush(SimpleNamespace(_cache=table, synack=False))
+    assert table == {1: running, 2: sent}
+    flush(SimpleNamespace(_cache=table, synack=True))  # Celery NACKs unaccepted jobs
+    assert table == {1: running}
 
 
 def test_the_owner_names_the_worker_and_the_process() -> None:
@@ -133,17 +177,25 @@ def test_the_owner_names_the_worker_and_the_process() -> None:
     assert inflight.held_key() == "resilience.inflight." + name
 
 
-def test_a_collected_transport_gets_its_connection_info_back() -> None:
-    """kombu builds a pool from transport.client; Connection.collect() set it to None."""
+def test_a_collected_or_closed_channel_gets_its_connection_info_back() -> None:
+    """kombu builds a pool from channel.connection.client: Connection.collect() sets the
+    client to None, closing the channel sets channel.connection to None."""
     conninfo = object()
     seen = []
-    original = lambda self, asynchronous=False: seen.append(self.connection.client)  # noqa: E731
+
+    def original(self: Any, asynchronous: bool = False) -> None:
+        seen.append((self.connection.client, self.connection.default_port, self.db))
+
     patched = inflight._patched_connparams(original)
-    chan = SimpleNamespace(connection=SimpleNamespace(client=conninfo))
+    transport = SimpleNamespace(client=conninfo, default_port=6379)
+    chan = SimpleNamespace(connection=transport, db=3)
     patched(chan)  # remembered while the transport is whole
-    chan.connection.client = None
+    transport.client = None
     patched(chan)
-    assert seen == [conninfo, conninfo]
+    chan.connection = None
+    patched(chan)
+    assert seen == [(conninfo, 6379, 3)] * 3
+    assert (transport.client, chan.connection) == (None, None)  # kombu's state untouched
 
 
 # -- undo -------------------------------------------------------------------------------------
@@ -153,12 +205,15 @@ def test_disable_puts_kombus_functions_back() -> None:
     originals = {(c, n): c.__dict__[n] for c, n in [
         (Channel, "_brpop_start"), (Channel, "_brpop_read"), (QoS, "append"),
         (Channel, "_connparams"), (QoS, "restore_unacked"), (QoS, "_remove_from_indices"),
+        (AsynPool, "flush"),
     ]}  # fmt: skip
     fetch.enable(lambda: FetchOptions())
     inflight.enable("w")
     fetch.enable(lambda: FetchOptions())  # twice: still one layer
     inflight.enable("w")
     assert all(c.__dict__[n].__wrapped__ is o for (c, n), o in originals.items())
+    assert Transport.__dict__["close_connection"].__wrapped__ is VirtualTransport.close_connection
     fetch.disable()
     inflight.disable()
     assert all(c.__dict__[n] is o for (c, n), o in originals.items())
+    assert "close_connection" not in Transport.__dict__  # inherited again
