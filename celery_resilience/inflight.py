@@ -373,13 +373,14 @@ def _restore_delivered(qos: Any, fetched_run_id: str | None, client: Any) -> Non
             for tag, message in todo:
                 restore_one(qos, tag, message, client, lost=lost)
                 restored += 1
-    except connection_errors() + tuple(qos.channel.connection_errors) as exc:
+    except Exception as exc:  # never lose them, whatever failed: the reclaimer retries
         with _registry.lock:
             for tag, message in todo[restored:]:
                 _registry.limbo[tag] = Held(message, fetched_run_id)
+        unexpected = not isinstance(exc, connection_errors() + tuple(qos.channel.connection_errors))
         logger.warning(
             "resilience: %d message(s) could not be restored now (%s); they are restored "
-            "once Redis answers", len(todo) - restored, exc,
+            "once Redis answers", len(todo) - restored, exc, exc_info=unexpected,
         )  # fmt: skip
     if busy and delivered:
         logger.info("resilience: %d running task(s) keep their message until they finish",
