@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from queue import Empty  # what kombu's _brpop_read raises for "nothing there"
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from . import inflight
 
@@ -256,10 +256,7 @@ def _script_failed(channel: Any, state: _ChannelFetch, exc: Exception) -> None:
 
 
 def _deliver(channel: Any, state: _ChannelFetch, reply: Any) -> bool:
-    from kombu.utils.encoding import bytes_to_str
-    from kombu.utils.json import loads
-
-    key = bytes_to_str(reply[0])[len(state.prefix) :]
+    key = inflight.text(reply[0])[len(state.prefix) :]
     dest = key.rsplit(channel.sep, 1)[0]
     channel._queue_cycle.rotate(dest)
     state.last_key, state.wait_next = key, False
@@ -269,7 +266,7 @@ def _deliver(channel: Any, state: _ChannelFetch, reply: Any) -> bool:
             "(kombu would have dropped it)", dest, state.options.quarantine_queue,
         )  # fmt: skip
         return True
-    payload = loads(bytes_to_str(reply[1]))
+    payload = inflight.decoded(reply[1])
     tag = state.recorded = payload["properties"]["delivery_tag"]
     try:
         channel.connection._deliver(payload, dest)
@@ -288,11 +285,13 @@ def _patched_append(original: Callable[..., Any]) -> Callable[..., Any]:
     # the in-memory bookkeeping (virtual QoS.append) is left to do.
     from kombu.transport.virtual.base import QoS as VirtualQoS
 
+    in_memory = cast("Callable[..., Any]", VirtualQoS.append)  # kombu ships no annotations
+
     def append(self: Any, message: Any, delivery_tag: Any) -> Any:
         state = self.channel.__dict__.get("_resilience_fetch")
         if state and state.recorded == delivery_tag:
             state.recorded = None
-            return VirtualQoS.append(self, message, delivery_tag)
+            return in_memory(self, message, delivery_tag)
         return original(self, message, delivery_tag)
 
     append.__wrapped__ = original  # type: ignore[attr-defined]

@@ -44,7 +44,7 @@ import uuid
 import weakref
 from collections.abc import Iterable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 logger = logging.getLogger(__name__)
 
@@ -209,15 +209,13 @@ def restore_one(qos: Any, tag: str, message: Any, client: Any, *, lost: bool) ->
     If Redis no longer records it and ``lost`` (Redis lost data since it was fetched),
     the in-memory ``message`` is pushed back instead, so the work is not lost with Redis.
     """
-    from kombu.utils.encoding import bytes_to_str
-    from kombu.utils.json import loads
 
     def restore_transaction(pipe: Any) -> None:
         record = pipe.hget(qos.unacked_key, tag)
         pipe.multi()
         qos._remove_from_indices(tag, pipe)
         if record:
-            payload, exchange, routing_key = loads(bytes_to_str(record))
+            payload, exchange, routing_key = decoded(record)
         elif lost and message is not None:
             info = message.delivery_info or {}
             payload, exchange, routing_key = (
@@ -231,6 +229,21 @@ def restore_one(qos: Any, tag: str, message: Any, client: Any, *, lost: bool) ->
         qos.channel._do_restore_message(payload, exchange, routing_key, pipe, False)
 
     client.transaction(restore_transaction, qos.unacked_key)
+
+
+def decoded(raw: Any) -> Any:
+    """kombu's JSON of a Redis reply (bytes or str), as kombu decodes it."""
+    from kombu.utils.encoding import bytes_to_str
+    from kombu.utils.json import loads
+
+    text = cast("Callable[[Any], str]", bytes_to_str)(raw)  # kombu ships no annotations
+    return cast("Callable[[str], Any]", loads)(text)
+
+
+def text(raw: Any) -> str:
+    from kombu.utils.encoding import bytes_to_str
+
+    return cast("Callable[[Any], str]", bytes_to_str)(raw)
 
 
 def connection_errors() -> tuple[type[BaseException], ...]:

@@ -330,7 +330,7 @@ def audit_process(pid: int, peers: set[str] | None = None) -> list[dict[str, Any
     ``pid`` (same user, or root); returns [] where that is not possible.
     """
     try:
-        pidfd = os.pidfd_open(pid)  # type: ignore[attr-defined]
+        pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
         return []
     try:

@@ -176,7 +176,7 @@ class Reclaimer:
         dead = client.zrangebyscore(
             prefix + OWNERS_KEY, "-inf", f"({now - self.options.orphan_timeout}"
         )
-        for name in map(_text, dead):
+        for name in map(inflight.text, dead):
             if name == inflight.owner():
                 continue
             lock = prefix + _LOCK_PREFIX + name
@@ -189,7 +189,7 @@ class Reclaimer:
 
     def _recover(self, channel: Any, client: Any, prefix: str, name: str) -> None:
         key = prefix + inflight.held_key(name)
-        tags = [_text(tag) for tag in client.hkeys(key)]
+        tags = [inflight.text(tag) for tag in client.hkeys(key)]
         for tag in tags:
             inflight.restore_one(channel.qos, tag, None, _kombu(channel), lost=False)
             client.hdel(key, tag)
@@ -244,8 +244,4 @@ def _prefix(channel: Any) -> str:
 
 
 def _pair(item: tuple[Any, Any]) -> tuple[str, str]:
-    return _text(item[0]), _text(item[1])
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return inflight.text(item[0]), inflight.text(item[1])

@@ -123,12 +123,15 @@ class ResilientTask(Task):  # type: ignore[misc]  # celery ships no type stubs
     inprocess_backoff_max: float | None = None
     #: Celery retries after tier 1. ``None`` here means the setting (default 5), not
     #: "forever" as on a plain Task.
-    max_retries: int | None = None  # type: ignore[assignment]
+    max_retries: int | None = None
     #: Seconds a failed retry publish is retried before the message is handed back.
     publish_budget: float | None = None
     #: Extra exception classes to retry / never to retry, on top of the settings.
     transient_errors: tuple[type[BaseException], ...] = ()
     terminal_errors: tuple[type[BaseException], ...] = ()
+
+    #: The task body (Celery sets it); declared for the type checker only.
+    run: Callable[..., Any]
 
     def __init__(self) -> None:
         super().__init__()
@@ -211,7 +214,7 @@ class ResilientTask(Task):  # type: ignore[misc]  # celery ships no type stubs
             tier=tier, task_id=request.id, args=request.args, kwargs=request.kwargs,
         )  # fmt: skip
 
-    def retry(  # type: ignore[override]
+    def retry(
         self,
         args: Any = None,
         kwargs: Any = None,

@@ -40,18 +40,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from blinker import Namespace, Signal
+from blinker import NamedSignal, Namespace
 
 logger = logging.getLogger(__name__)
 
 _signals = Namespace()
 
-transient_error: Signal = _signals.signal("transient_error")
-retry_scheduled: Signal = _signals.signal("retry_scheduled")
-retries_exhausted: Signal = _signals.signal("retries_exhausted")
-retry_publish_failed: Signal = _signals.signal("retry_publish_failed")
-keepalive_applied: Signal = _signals.signal("keepalive_applied")
-message_rerouted: Signal = _signals.signal("message_rerouted")
+transient_error: NamedSignal = _signals.signal("transient_error")
+retry_scheduled: NamedSignal = _signals.signal("retry_scheduled")
+retries_exhausted: NamedSignal = _signals.signal("retries_exhausted")
+retry_publish_failed: NamedSignal = _signals.signal("retry_publish_failed")
+keepalive_applied: NamedSignal = _signals.signal("keepalive_applied")
+message_rerouted: NamedSignal = _signals.signal("message_rerouted")
 
 __all__ = [
     "keepalive_applied",
@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 
-def send(signal: Signal, sender: Any, **kwargs: Any) -> None:
+def send(signal: NamedSignal, sender: Any, **kwargs: Any) -> None:
     """Send ``signal`` to each receiver in turn; log, never raise, a receiver's error."""
     if not signal.receivers:
         return
