@@ -54,7 +54,7 @@ _MARKERS = {
 }
 
 # Directory (relative to tests/) -> marker applied to every test collected in it.
-_DIR_MARKERS = {"unit": "unit", "integration": "integration"}
+_DIR_MARKERS = {"unit": "unit", "integration": "integration", "soak": "integration"}
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -7,10 +7,12 @@ Configured from the environment:
   retries its own Redis errors with ``autoretry_for`` (the seed's proposed fix).
 - ``JOB_VISIBILITY_TIMEOUT``: kombu's visibility timeout, swept every second.
 - ``JOB_ORPHAN_TIMEOUT``, ``JOB_HEARTBEAT``: the reclaimer's settings.
+- ``JOB_PRIORITIES=1``: priority steps 0-9, the lists polled in priority order (0 first).
 
 ``job.item(n, seconds)`` works ``seconds`` and then records item ``n`` idempotently: the
 job's count goes up only the first time ``n`` is recorded, however often the task runs;
-``runs:<n>`` counts every run, so duplicates show.
+``runs:<n>`` counts every run, so duplicates show. A task that ends in failure (retries
+exhausted, a terminal error) is recorded in ``job:failed``.
 """
 
 from __future__ import annotations
@@ -25,14 +27,24 @@ from celery import Celery, Task
 BROKER_URL = os.environ.get("JOB_BROKER_URL", "memory://")
 PLUGIN = os.environ.get("JOB_PLUGIN") == "1"
 
+#: The transport options a producer must share with the workers (priority lists).
+PRIORITIES = {"priority_steps": list(range(10)), "queue_order_strategy": "priority"}
+
+
+def transport_options(environ: Any = os.environ) -> dict[str, Any]:
+    options: dict[str, Any] = dict(PRIORITIES) if environ.get("JOB_PRIORITIES") == "1" else {}
+    if "JOB_VISIBILITY_TIMEOUT" in environ:
+        options.update(
+            visibility_timeout=float(environ["JOB_VISIBILITY_TIMEOUT"]),
+            unacked_restore_interval=1,  # kombu >= 5.6; older kombu sweeps on its own clock
+            unacked_restore_throttle=1,
+        )
+    return options
+
+
 app = Celery("jobapp", broker=BROKER_URL, set_as_current=False)
 app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=True)
-if "JOB_VISIBILITY_TIMEOUT" in os.environ:
-    app.conf.broker_transport_options = {
-        "visibility_timeout": float(os.environ["JOB_VISIBILITY_TIMEOUT"]),
-        "unacked_restore_interval": 1,  # kombu >= 5.6; older kombu sweeps on its own clock
-        "unacked_restore_throttle": 1,
-    }
+app.conf.broker_transport_options = transport_options()
 for key in ("ORPHAN_TIMEOUT", "HEARTBEAT"):
     if f"JOB_{key}" in os.environ:
         app.conf[f"resilience_fetch_{key.lower()}"] = float(os.environ[f"JOB_{key}"])
@@ -46,14 +58,32 @@ end
 """
 _state = redis.Redis.from_url(BROKER_URL) if BROKER_URL.startswith("redis") else None
 
+
+class Recorded(Task):  # type: ignore[misc]
+    """Records items whose task ended in failure (``job:failed``), Redis permitting."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:  # fmt: skip
+        for _ in range(20):
+            try:
+                assert _state is not None
+                _state.sadd("job:failed", args[0])
+                return
+            except redis.ConnectionError:
+                time.sleep(0.5)
+
+
 if PLUGIN:
     from celery_resilience import ResilientTask, install
 
     install(app)
-    base: type[Task] = ResilientTask
+
+    class Base(ResilientTask, Recorded):  # type: ignore[misc]
+        """ResilientTask that records its failures."""
+
     options: dict[str, Any] = {"acks_late": True}
 else:
-    base = Task
+    Base = Recorded  # type: ignore[misc]
     options = {
         "acks_late": True,
         "autoretry_for": (redis.RedisError,),
@@ -64,7 +94,7 @@ else:
     }
 
 
-@app.task(name="job.item", base=base, **options)
+@app.task(name="job.item", base=Base, **options)
 def item(n: int, seconds: float = 0.0) -> int:
     if seconds:
         time.sleep(seconds)
@@ -81,3 +111,8 @@ def progress(client: redis.Redis, n: int) -> dict[str, int]:
         "count": int(client.get("job:count") or 0),
         "duplicates": sum(1 for r in runs if r > 1),
     }
+
+
+def failed(client: redis.Redis) -> int:
+    """Items whose task ended in failure."""
+    return int(client.scard("job:failed"))
