@@ -33,6 +33,7 @@ from typing import Any, Callable
 import redis
 from celery import Celery
 
+from celery_resilience import routing
 from tests.bench.jobapp import PRIORITIES, failed, progress
 from tests.bench.proxy import ResetProxy
 from tests.bench.redis_server import RedisServer
@@ -124,7 +125,7 @@ def run_soak(server: RedisServer, plugin: bool, config: SoakConfig = SoakConfig(
     report = SoakReport(plugin, config.n)
     client = server.client()
     started = time.monotonic()
-    _publish(server.url(), config)
+    _publish(server.url(), plugin, config)
     with ExitStack() as stack:
         proxy = stack.enter_context(ResetProxy(server.host, server.port))
         workers = {w: stack.enter_context(_worker(proxy.url(), plugin, w)) for w in ("a", "b")}
@@ -138,13 +139,17 @@ def run_soak(server: RedisServer, plugin: bool, config: SoakConfig = SoakConfig(
     return report
 
 
-def _publish(url: str, config: SoakConfig) -> None:
+def _publish(url: str, plugin: bool, config: SoakConfig) -> None:
+    """The application's side. With the plugin it calls install(app) too, whose publish
+    hook stamps each message's origin; the same stamp is written here directly, so that
+    this test process keeps no process-wide hook."""
     app = Celery("soak-producer", broker=url, set_as_current=False)
     app.conf.broker_transport_options = dict(PRIORITIES)
     with app.producer_or_acquire() as producer:
         for n, priority, countdown in items(config):
+            stamp = routing.Origin(QUEUE, "", QUEUE, priority).headers() if plugin else {}
             app.send_task("job.item", args=[n, config.work], priority=priority,
-                          countdown=countdown, producer=producer)  # fmt: skip
+                          countdown=countdown, producer=producer, headers=stamp)  # fmt: skip
 
 
 @contextmanager
