@@ -38,6 +38,7 @@ from queue import Empty  # what kombu's _brpop_read raises for "nothing there"
 from typing import Any, Callable, Optional, cast
 
 from . import inflight
+from ._patch import Patches, Wrap
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def _patched_append(original: Callable[..., Any]) -> Callable[..., Any]:
 
 _Provider = Callable[[], Optional[FetchOptions]]
 _provider: _Provider | None = None
-_originals: dict[tuple[Any, str], Any] = {}
+_patches = Patches()
 
 
 def _options() -> FetchOptions | None:
@@ -313,7 +314,7 @@ def _options() -> FetchOptions | None:
         return None
 
 
-def _targets() -> list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]]:
+def _targets() -> list[tuple[Any, str, Wrap]]:
     from kombu.transport.redis import Channel, QoS
 
     return [
@@ -331,20 +332,15 @@ def enable(provider: _Provider) -> None:
     """
     global _provider
     _provider = provider
-    for cls, name, wrap in _targets():
-        if (cls, name) not in _originals:
-            _originals[(cls, name)] = cls.__dict__[name]
-            setattr(cls, name, wrap(cls.__dict__[name]))
+    _patches.apply(_targets())
 
 
 def disable() -> None:
     """Undo :func:`enable`. Channels that are consuming keep fetching until they close."""
     global _provider
     _provider = None
-    for (cls, name), original in _originals.items():
-        setattr(cls, name, original)
-    _originals.clear()
+    _patches.undo()
 
 
 def enabled() -> bool:
-    return bool(_originals)
+    return bool(_patches)

@@ -46,6 +46,8 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any, Callable, cast
 
+from ._patch import Patches, Wrap
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["disable", "enable", "enabled", "held_key", "owner", "restore_one"]
@@ -416,10 +418,10 @@ def _terminating() -> bool:
 
 # -- enable / disable -------------------------------------------------------------------------
 
-_originals: dict[tuple[Any, str], Any] = {}
+_patches = Patches()
 
 
-def _targets() -> list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]]:
+def _targets() -> list[tuple[Any, str, Wrap]]:
     from celery.concurrency.asynpool import AsynPool
     from kombu.transport.redis import Channel, QoS, Transport
 
@@ -436,24 +438,15 @@ def enable(name: str | None = None) -> None:
     """Patch kombu's Redis transport; ``name`` (a worker's hostname) names the owner."""
     if name and not _registry.owner:
         _registry.reset_owner(name)
-    for cls, attr, wrap in _targets():
-        if (cls, attr) not in _originals:
-            # The class's own attribute, or None when inherited (undo deletes ours).
-            _originals[(cls, attr)] = cls.__dict__.get(attr)
-            setattr(cls, attr, wrap(getattr(cls, attr)))
+    _patches.apply(_targets())
 
 
 def disable() -> None:
     """Undo :func:`enable` and forget the limbo (tests)."""
-    for (cls, attr), original in _originals.items():
-        if original is None:
-            delattr(cls, attr)
-        else:
-            setattr(cls, attr, original)
-    _originals.clear()
+    _patches.undo()
     with _registry.lock:
         _registry.limbo.clear()
 
 
 def enabled() -> bool:
-    return bool(_originals)
+    return bool(_patches)

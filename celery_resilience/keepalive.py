@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
+from ._patch import Patches, Wrap
 from .config import Settings
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def apply(sock: Any, options: KeepaliveOptions) -> bool:
 _Provider = Callable[[], "KeepaliveOptions | None"]
 _provider: _Provider | None = None
 _heal = True
-_originals: dict[tuple[type, str], Any] = {}
+_patches = Patches()
 
 
 def _options() -> KeepaliveOptions | None:
@@ -194,10 +195,7 @@ def _patched_send(original: Callable[..., Any]) -> Callable[..., Any]:
     return send_packed_command
 
 
-_Patch = tuple[type, str, Callable[[Callable[..., Any]], Callable[..., Any]]]
-
-
-def _targets() -> Iterator[_Patch]:
+def _targets() -> Iterator[tuple[type, str, Wrap]]:
     import redis.connection
 
     yield redis.connection.Connection, "_connect", _patched_connect
@@ -219,28 +217,18 @@ def enable(provider: _Provider, *, heal: bool = True) -> None:
     """
     global _provider, _heal
     _provider, _heal = provider, heal
-    for cls, name, wrap in _targets():
-        key = (cls, name)
-        if key not in _originals:
-            # The class's own attribute, or None when it is inherited (undo deletes ours).
-            _originals[key] = cls.__dict__.get(name)
-            setattr(cls, name, wrap(getattr(cls, name)))
+    _patches.apply(_targets())
 
 
 def disable() -> None:
     """Undo :func:`enable` (tests; a process that wants redis-py untouched)."""
     global _provider
     _provider = None
-    for (cls, name), original in _originals.items():
-        if original is None:
-            delattr(cls, name)
-        else:
-            setattr(cls, name, original)
-    _originals.clear()
+    _patches.undo()
 
 
 def enabled() -> bool:
-    return bool(_originals)
+    return bool(_patches)
 
 
 # -- sweep and audit ------------------------------------------------------------------------

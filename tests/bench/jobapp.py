@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from celery import Celery, Task
@@ -116,3 +116,21 @@ def progress(client: redis.Redis, n: int) -> dict[str, int]:
 def failed(client: redis.Redis) -> int:
     """Items whose task ended in failure."""
     return int(client.scard("job:failed"))
+
+
+def in_flight(client: redis.Redis) -> int:
+    """Messages the workers' in-flight hashes (celery-resilience) still record."""
+    return sum(int(client.hlen(key)) for key in client.scan_iter("resilience.inflight.*"))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``predicate`` (a Redis that is down counts as False) for up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except redis.ConnectionError:
+            pass
+        time.sleep(0.1)
+    return False

@@ -22,7 +22,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.bench.jobapp import progress
+from tests.bench.jobapp import in_flight, progress, wait_until
 from tests.bench.redis_server import RedisServer
 from tests.bench.workers import PreforkWorker
 
@@ -69,22 +69,6 @@ def _item_of(payload: dict[str, Any]) -> int:
 
     body = json.loads(base64.b64decode(payload["body"]))
     return int(body[0][0])
-
-
-def in_flight(client: redis.Redis) -> int:
-    return sum(int(client.hlen(key)) for key in client.scan_iter("resilience.inflight.*"))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except redis.ConnectionError:
-            pass
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture

@@ -28,13 +28,13 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import redis
 from celery import Celery
 
 from celery_resilience import routing
-from tests.bench.jobapp import PRIORITIES, failed, progress
+from tests.bench.jobapp import PRIORITIES, failed, in_flight, progress, wait_until
 from tests.bench.proxy import ResetProxy
 from tests.bench.redis_server import RedisServer
 from tests.bench.workers import PreforkWorker
@@ -185,7 +185,7 @@ class _Chaos:
         """Until the job has moved on by its share for one fault (or 20 s)."""
         step = max(1, self.config.n // (len(self.config.faults) + 3))
         target = min(self._last_done + step, self.config.n)
-        _wait(lambda: self._done() >= target, 20)
+        wait_until(lambda: self._done() >= target, 20)
         self._revive()
         self._last_done = self._done()
 
@@ -266,10 +266,6 @@ def queued_count(client: redis.Redis) -> int:
     return sum(int(client.llen(QUEUE if s == 0 else f"{QUEUE}{SEP}{s}")) for s in range(10))
 
 
-def in_flight(client: redis.Redis) -> int:
-    return sum(int(client.hlen(key)) for key in client.scan_iter("resilience.inflight.*"))
-
-
 def _settled(client: redis.Redis, n: int) -> bool:
     try:
         idle = queued_count(client) == 0 and client.hlen("unacked") == 0
@@ -285,15 +281,3 @@ def _read_back(report: SoakReport, client: redis.Redis, n: int) -> None:
     report.left_unacked = int(client.hlen("unacked"))
     report.left_in_flight = in_flight(client)
     report.left_queued = queued_count(client)
-
-
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except redis.ConnectionError:
-            pass
-        time.sleep(0.1)
-    return False
