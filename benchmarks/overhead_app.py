@@ -1,4 +1,7 @@
-"""The benchmark's app: the same one-INCR task as plain Celery and as ResilientTask."""
+"""The benchmark's app: the same one-INCR task as plain Celery and as ResilientTask.
+
+``install(app)`` runs unless ``BENCH_PLUGIN=0`` (``overhead_plugin.py``'s plain worker).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from celery import Celery, Task
 from celery_resilience import ResilientTask, install
 
 app = Celery("overhead", broker=os.environ["BENCH_BROKER_URL"], set_as_current=False)
-install(app)
+if os.environ.get("BENCH_PLUGIN", "1") == "1":
+    install(app)
 app.conf.update(task_ignore_result=True, worker_prefetch_multiplier=4)
 client = redis.Redis.from_url(os.environ["BENCH_BROKER_URL"])
 
