@@ -70,7 +70,10 @@ class _Registry:
     """The process-wide bookkeeping. Shared by the main thread and the reclaimer."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # Reentrant: a kombu QoS that the garbage collector finalizes restores its
+        # messages (restore_unacked below), in whatever thread the collection runs, which
+        # may be holding this lock at that moment.
+        self.lock = threading.RLock()
         self.owner = ""
         self.channels: weakref.WeakSet[Any] = weakref.WeakSet()  # channels that fetch
         self.limbo: dict[str, Held] = {}

@@ -7,6 +7,7 @@ Every "fixed" test has a control on kombu's BRPOP (the patches off). Worker-leve
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -315,3 +316,47 @@ def test_a_running_message_of_a_closed_channel_waits_for_its_task(
     del request
     sweeper.tick()
     assert client.llen(QUEUE) == 2 and record(client, tag) is None
+
+
+class _Deadlock(Exception):
+    pass
+
+
+class _PlainLock:
+    """The non-reentrant lock the registry had, failing instead of hanging for ever."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(timeout=2):
+            raise _Deadlock("the registry lock is held by the thread that wants it")
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["fix", "control"])
+def test_a_qos_collected_while_the_registry_is_locked_restores_its_messages(
+    reentrant: bool, monkeypatch: pytest.MonkeyPatch, connect: Callable[..., Connection],
+    client: redis.Redis,
+) -> None:  # fmt: skip
+    """kombu's QoS restores its deliveries when the garbage collector finalizes it, in
+    whichever thread the collection runs, at any allocation, e.g. one the reclaimer makes
+    while it holds the registry lock. With a plain lock that thread waited on itself: the
+    worker hung with the message in neither its queue nor a pool process (seen 1 run in
+    3 of the prefetch restart test on Celery 5.3)."""
+    plugin(True)
+    if not reentrant:
+        monkeypatch.setattr(inflight._registry, "lock", _PlainLock())
+    conn = connect()
+    publish(conn, 1)
+    qos = deliver(conn).channel.qos
+    assert client.llen(QUEUE) == 0
+    with inflight._registry.lock:  # the reclaimer, mid-pass, when the collection runs
+        if reentrant:
+            qos._on_collect()  # the finalizer weakref.finalize would call
+        else:
+            with pytest.raises(_Deadlock):
+                qos._on_collect()
+    assert client.llen(QUEUE) == (1 if reentrant else 0)
