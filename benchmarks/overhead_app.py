@@ -1,6 +1,7 @@
 """The benchmark's app: the same one-INCR task as plain Celery and as ResilientTask.
 
-``install(app)`` runs unless ``BENCH_PLUGIN=0`` (``overhead_plugin.py``'s plain worker).
+``install(app)`` runs unless ``BENCH_PLUGIN=0`` (``overhead_plugin.py``'s plain worker);
+``BENCH_FETCH=0`` turns the atomic fetch off (``resilience_fetch = False``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from celery_resilience import ResilientTask, install
 app = Celery("overhead", broker=os.environ["BENCH_BROKER_URL"], set_as_current=False)
 if os.environ.get("BENCH_PLUGIN", "1") == "1":
     install(app)
-app.conf.update(task_ignore_result=True, worker_prefetch_multiplier=4)
+app.conf.update(
+    task_ignore_result=True,
+    worker_prefetch_multiplier=4,
+    resilience_fetch=os.environ.get("BENCH_FETCH", "1") == "1",
+)
 client = redis.Redis.from_url(os.environ["BENCH_BROKER_URL"])
 
 

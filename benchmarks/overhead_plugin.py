@@ -15,7 +15,7 @@ all N have run (``overhead.one_round``). Prints each arm's tasks/s (median), the
 idle worker used meanwhile, and, last, the median of the per-pair ratios plugin/plain
 (goal: >= 0.98).
 
-    python benchmarks/overhead_plugin.py [--tasks 1000] [--pairs 15]
+    python benchmarks/overhead_plugin.py [--tasks 1000] [--pairs 15] [--no-fetch]
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def _stamp_plugin_arm(
         routing.stamp(headers, exchange, routing_key, declare, properties or {})
 
 
-def worker(server: RedisServer, arm: str) -> PreforkWorker:
+def worker(server: RedisServer, arm: str, fetch: bool) -> PreforkWorker:
     env = {"BENCH_BROKER_URL": server.url(0), "BENCH_PLUGIN": str(int(arm == "plugin")),
-           "PYTHONPATH": str(REPO)}  # fmt: skip
+           "BENCH_FETCH": str(int(fetch)), "PYTHONPATH": str(REPO)}  # fmt: skip
     return PreforkWorker("benchmarks.overhead_app", concurrency=2, env=env, cwd=str(REPO),
                          queues=["idle"])  # fmt: skip
 
@@ -89,13 +89,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--pairs", type=int, default=15)
+    parser.add_argument("--no-fetch", action="store_true",
+                        help="the plugin arm without the atomic fetch (resilience_fetch=False)")  # fmt: skip
     opts = parser.parse_args()
     rates: dict[str, list[float]] = {arm: [] for arm in TASKS}
     bystander: dict[str, list[float]] = {arm: [] for arm in TASKS}  # idle while the other ran
     with RedisServer() as server:
         print(environment(server.client()))
         app = Celery("producer", broker=server.url(0), set_as_current=False)
-        workers = {arm: worker(server, arm) for arm in TASKS}
+        workers = {arm: worker(server, arm, not opts.no_fetch) for arm in TASKS}
         with workers["plain"], workers["plugin"]:
             for arm in TASKS:  # fork the children, connect, import
                 one_round(app, server, workers[arm], TASKS[arm], 200, "warmup")
@@ -106,9 +108,9 @@ def main() -> None:
                     bystander[next(a for a in TASKS if a != arm)].append(idle_cpu)
     for arm, label in (
         ("plain", "plain Celery, no install()"),
-        ("plugin", "install() + ResilientTask"),
+        ("plugin", "install() + ResilientTask" + (" (fetch off)" if opts.no_fetch else "")),
     ):
-        print(f"{label:<27}: {statistics.median(rates[arm]):6.0f} tasks/s  (rounds: "
+        print(f"{label:<39}: {statistics.median(rates[arm]):6.0f} tasks/s  (rounds: "
               f"{', '.join(f'{x:.0f}' for x in rates[arm])})")  # fmt: skip
     print(f"idle worker's CPU during the other's rounds: plugin {_pct(bystander['plugin'])}, "
           f"plain {_pct(bystander['plain'])} of a core")  # fmt: skip

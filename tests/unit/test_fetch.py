@@ -217,3 +217,24 @@ def test_disable_puts_kombus_functions_back() -> None:
     inflight.disable()
     assert all(c.__dict__[n] is o for (c, n), o in originals.items())
     assert "close_connection" not in Transport.__dict__  # inherited again
+
+
+@pytest.mark.parametrize(("visibility", "due_after"), [(3600, 1200), (3, 1)])
+def test_leases_are_renewed_every_third_of_the_visibility_timeout(
+    visibility: float, due_after: float
+) -> None:
+    """Not at every heartbeat: renewing 10 000 leases takes the consumer's GIL ~70 ms."""
+    import time
+
+    from celery import Celery
+
+    from celery_resilience.reclaim import Reclaimer
+
+    app = Celery("leases", set_as_current=False)
+    app.conf.broker_transport_options = {"visibility_timeout": visibility}
+    leases = Reclaimer(app, FetchOptions())
+    assert leases._renewal_due()  # never renewed
+    leases._renewed = time.monotonic() - 0.8 * due_after
+    assert not leases._renewal_due()
+    leases._renewed = time.monotonic() - due_after
+    assert leases._renewal_due()
