@@ -29,6 +29,12 @@ def plain(key: str) -> None:
     client.incr(key)
 
 
+@app.task(name="bench.plain_late", base=Task, acks_late=True)
+def plain_late(key: str) -> None:
+    """A plain task acknowledged after it ran, as ResilientTask is (``acks_late``)."""
+    client.incr(key)
+
+
 @app.task(name="bench.resilient", base=ResilientTask)
 def resilient(key: str) -> None:
     client.incr(key)

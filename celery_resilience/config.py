@@ -65,8 +65,9 @@ class Settings:
     # Atomic fetch: a message moves from its queue into kombu's unacked hash in one step,
     # so a connection that breaks mid-fetch loses nothing.
     fetch: bool = True
-    # An idle fetch waits this long on the list the last message came from; a message on
-    # another list (queue or priority) is seen at most this late. 0.2 s: 5 polls/s idle.
+    # An idle fetch waits this long on the most urgent list of the last message's queue;
+    # a message on another list (queue or priority) is seen at most this late. 0.2 s:
+    # 5 polls/s idle.
     fetch_wait: float = 0.2
     # The reclaimer's period: heartbeat, lease renewal, putting back what a lost
     # connection left behind (within two periods of Redis answering again).

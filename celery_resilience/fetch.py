@@ -14,8 +14,10 @@ another one) puts it back (:mod:`~celery_resilience.reclaim`).
 
 Scripts cannot block, and Redis has no blocking command that moves from several lists.
 So a fetch that finds nothing is followed by a *wait*: ``BLMOVE key key RIGHT RIGHT
-<fetch_wait>`` on the list the last message came from (a rotation of a list onto itself,
-which moves nothing), pipelined with the next fetch. A message pushed to that list wakes
+<fetch_wait>`` (a rotation of a list onto itself, which moves nothing), pipelined with the
+next fetch, on the most urgent list of the queue the last message came from (its first
+list in kombu's order: with priorities, an idle worker that had been draining ``q:9``
+must wake for ``q``, not sit out the wait first). A message pushed to that list wakes
 the worker at once; one pushed to another list waits at most ``resilience_fetch_wait``.
 A busy worker never waits: each fetch that returns a message is followed by another.
 
@@ -191,7 +193,7 @@ def _commands(channel: Any, state: _ChannelFetch, keys: list[str]) -> list[tuple
     p = state.prefix
     commands: list[tuple[Any, ...]] = []
     if state.wait_next:
-        key = p + (state.last_key if state.last_key in keys else keys[0])
+        key = p + _wait_key(state.last_key, keys, channel.sep)
         commands.append(("BLMOVE", key, key, "RIGHT", "RIGHT", _wait(channel, options)))
     own = (channel.unacked_key, channel.unacked_index_key, inflight.held_key(),
            options.quarantine_queue, inflight.OWNERS_KEY)  # fmt: skip
@@ -245,6 +247,18 @@ def _read_replies(channel: Any, state: _ChannelFetch, options: dict[str, Any]) -
             if i == pending - 1:  # the script's own error: it moved nothing
                 _script_failed(channel, state, exc)
     return reply
+
+
+def _wait_key(last: str | None, keys: list[str], sep: str) -> str:
+    """The list an idle fetch waits on: the first of ``last``'s queue in ``keys``.
+
+    kombu orders the keys by priority step, then queue (``q``, ``r``, ``q<sep>3``, ...),
+    so the first key of a queue is its most urgent list.
+    """
+    if last in keys:
+        queue = last.split(sep, 1)[0]
+        return next(key for key in keys if key.split(sep, 1)[0] == queue)
+    return keys[0]
 
 
 def _script_failed(channel: Any, state: _ChannelFetch, exc: Exception) -> None:

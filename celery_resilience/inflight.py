@@ -113,6 +113,10 @@ def open_channels() -> list[Any]:
 def _live(channel: Any) -> bool:
     # A closing channel holds its deliveries until restore_unacked has moved them to the
     # limbo (kombu skips that call when it delivered nothing).
+    if channel.__dict__.get("_resilience_restoring"):
+        # Its restore is under way (10 000 messages take seconds): the reclaimer must not
+        # take those entries for lost replies and restore them a second time meanwhile.
+        return True
     if channel.__dict__.get("_resilience_settled"):
         return False
     qos = channel.__dict__.get("_qos")
@@ -361,11 +365,14 @@ def _patched_restore_unacked(original: Callable[..., Any]) -> Callable[..., Any]
         chan = self.channel.__dict__.get("_resilience_chan")
         if chan is None:
             return original(self, client)
+        state = self.channel.__dict__
+        state["_resilience_restoring"] = True
         try:
             _restore_delivered(self, chan[1], client)
         finally:
             if self.channel.closed:
-                self.channel.__dict__["_resilience_settled"] = True
+                state["_resilience_settled"] = True
+            state.pop("_resilience_restoring", None)
         return None
 
     restore_unacked.__wrapped__ = original  # type: ignore[attr-defined]

@@ -360,3 +360,36 @@ def test_a_qos_collected_while_the_registry_is_locked_restores_its_messages(
             with pytest.raises(_Deadlock):
                 qos._on_collect()
     assert client.llen(QUEUE) == (1 if reentrant else 0)
+
+
+def test_the_reclaimer_leaves_a_close_time_restore_under_way_alone(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, connect: Callable[..., Connection],
+    client: redis.Redis,
+) -> None:  # fmt: skip
+    """A closing channel restores its deliveries one by one (seconds for 10 000). Passes
+    of the reclaimer meanwhile took the entries not yet restored for lost replies and
+    restored them too: each message was restored twice over (no duplicate: the second
+    found no record), and a warm shutdown took twice as long."""
+    plugin(True)
+    conn = connect()
+    publish(conn, 1)
+    publish(conn, 2)
+    tags = sorted(str(deliver(conn).delivery_tag) for _ in range(2))
+    sweeper = reclaimer(redis_url)
+    sweeper.tick()
+    calls: list[str] = []
+    original = inflight.restore_one
+
+    def restore_one(qos: Any, tag: str, *args: Any, **kwargs: Any) -> None:
+        calls.append(tag)
+        if len(calls) == 1:  # the close-time restore has begun: two passes run now
+            sweeper.tick()
+            sweeper.tick()
+        original(qos, tag, *args, **kwargs)
+
+    monkeypatch.setattr(inflight, "restore_one", restore_one)
+    conn.release()
+    assert sorted(calls) == tags
+    assert client.llen(QUEUE) == 2 and client.hlen("unacked") == 0
+    sweeper.tick()
+    assert sorted(calls) == tags and not held(client)

@@ -26,7 +26,7 @@ def undo() -> Iterator[None]:
 
 def channel(**attrs: Any) -> Any:
     defaults = {"unacked_key": "unacked", "unacked_index_key": "unacked_index",
-                "brpop_timeout": 1}  # fmt: skip
+                "brpop_timeout": 1, "sep": "\x06\x16"}  # fmt: skip
     return SimpleNamespace(**{**defaults, **attrs})
 
 
@@ -52,10 +52,10 @@ def test_a_fetch_after_a_message_does_not_wait() -> None:
     assert state_.pending == 1
 
 
-def test_an_idle_fetch_waits_on_the_list_of_the_last_message_with_the_prefix() -> None:
-    state_ = state_of(prefix="p:", wait=0.5, wait_next=True, last_key="q\x06\x163")
+def test_an_idle_fetch_waits_on_the_queue_of_the_last_message_with_the_prefix() -> None:
+    state_ = state_of(prefix="p:", wait=0.5, wait_next=True, last_key="q")
     wait, evalsha = commands(state_, ["q", "q\x06\x163"])
-    assert wait == ("BLMOVE", "p:q\x06\x163", "p:q\x06\x163", "RIGHT", "RIGHT", "0.5")
+    assert wait == ("BLMOVE", "p:q", "p:q", "RIGHT", "RIGHT", "0.5")
     assert evalsha[3:10] == ("p:q", "p:q\x06\x163", "p:unacked", "p:unacked_index",
                              "p:" + inflight.held_key(), "p:resilience.quarantine",
                              "p:resilience.owners")  # fmt: skip
@@ -238,3 +238,25 @@ def test_leases_are_renewed_every_third_of_the_visibility_timeout(
     assert not leases._renewal_due()
     leases._renewed = time.monotonic() - due_after
     assert leases._renewal_due()
+
+
+@pytest.mark.parametrize(
+    ("last", "waits_on"),
+    [
+        ("q\x06\x169", "q"),  # drained the low list: an urgent task must wake the worker
+        ("r\x06\x163", "r"),  # the other queue's most urgent list
+        ("r", "r"),
+    ],
+)
+def test_an_idle_fetch_waits_on_the_most_urgent_list_of_the_last_queue(
+    last: str, waits_on: str
+) -> None:
+    keys = ["q", "r", "q\x06\x163", "r\x06\x163", "q\x06\x169"]  # kombu's order
+    wait, _ = commands(state_of(wait_next=True, last_key=last), keys)
+    assert wait[1:3] == (waits_on, waits_on)
+
+
+def test_without_a_priority_zero_list_the_queues_first_step_is_waited_on() -> None:
+    keys = ["q\x06\x163", "q\x06\x169"]  # priority_steps without 0
+    wait, _ = commands(state_of(wait_next=True, last_key="q\x06\x169"), keys)
+    assert wait[1] == "q\x06\x163"
