@@ -70,6 +70,7 @@ class Reclaimer:
         self._unheld: set[str] = set()  # lost-reply candidates seen on the previous tick
         self._live: set[str] | None = None  # ids of the fetching channels on the last tick
         self._renewed: float | None = None  # monotonic time of the last lease renewal
+        self._run_id: str | None = None  # the redis-server run the last renewal was on
 
     # -- lifecycle (a Celery StartStopStep's obj) ----------------------------------------
 
@@ -103,6 +104,9 @@ class Reclaimer:
                 failing = False
             except Exception as exc:
                 self._since = None
+                # Renew at the first pass that works again: Redis may be back from a dump
+                # whose scores are older than the lease it had.
+                self._renewed = None
                 if isinstance(exc, inflight.connection_errors()) or failing:
                     logger.debug("resilience: reclaim pass failed: %r", exc)
                 else:  # not Redis being away: say so once per streak
@@ -127,9 +131,10 @@ class Reclaimer:
                         prefix + inflight.held_key(), inflight.owner())  # fmt: skip
             return
         now = float(client.eval(_HEARTBEAT, 1, prefix + OWNERS_KEY, inflight.owner()))
-        if self._renewal_due():
+        run = inflight.run_id(client)
+        if self._renewal_due() or run != self._run_id:  # a restarted Redis: scores of its dump
             self._renew(channel, client, prefix)
-            self._renewed = time.monotonic()
+            self._renewed, self._run_id = time.monotonic(), run
         self._reclaim(channel, client, prefix)
         self._since = self._since or time.monotonic()
         if time.monotonic() - self._since >= self.options.orphan_timeout:
