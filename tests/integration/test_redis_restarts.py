@@ -23,6 +23,7 @@ import pytest
 import redis
 from celery import Celery
 
+from tests.bench._proc import tail
 from tests.bench.jobapp import in_flight, progress, wait_until
 from tests.bench.redis_server import RedisServer
 from tests.bench.workers import PreforkWorker
@@ -94,11 +95,15 @@ def test_worker_survives_a_redis_restart_while_tasks_run(plugin: bool, server: R
         settled = settled and worker.alive and wait_until(lambda: _idle(client), 10)
         alive, log = worker.alive, worker.log
     job = progress(client, 6)
+    lost_acks = log.count("Couldn't ack")  # kombu's line for an ack Redis did not take
     print(f"\n  restart with tasks running ({'plugin' if plugin else 'control'}): alive={alive} "
-          f"job={job} unacked={client.hlen('unacked')}")  # fmt: skip
+          f"job={job} unacked={client.hlen('unacked')} lost acks={lost_acks}")  # fmt: skip
     if plugin:
         assert alive and HOSTNAME_CRASH not in log
-        assert settled and job == {"done": 6, "count": 6, "duplicates": 0}
+        # A task that finished while Redis was still down could not be acked: at least
+        # once, it runs again. No other task may (on a loaded machine the two running
+        # tasks outlast the outage less often: 2 duplicates seen).
+        assert settled and job == {"done": 6, "count": 6, "duplicates": lost_acks}, tail(log, 80)
         assert (client.hlen("unacked"), in_flight(client)) == (0, 0)
     elif CELERY_CLOSES_COLLECTED:
         assert not alive and HOSTNAME_CRASH in log
