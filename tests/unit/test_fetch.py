@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from celery import Celery
 from celery.concurrency.asynpool import AsynPool
 from celery.worker import state
 from kombu.transport.redis import Channel, QoS, Transport
@@ -15,6 +17,7 @@ from kombu.transport.virtual.base import Transport as VirtualTransport
 
 from celery_resilience import ConfigurationError, Settings, fetch, inflight
 from celery_resilience.fetch import FetchOptions, _ChannelFetch
+from celery_resilience.reclaim import Reclaimer
 
 
 @pytest.fixture(autouse=True)
@@ -224,12 +227,6 @@ def test_leases_are_renewed_every_third_of_the_visibility_timeout(
     visibility: float, due_after: float
 ) -> None:
     """Not at every heartbeat: renewing 10 000 leases takes the consumer's GIL ~70 ms."""
-    import time
-
-    from celery import Celery
-
-    from celery_resilience.reclaim import Reclaimer
-
     app = Celery("leases", set_as_current=False)
     app.conf.broker_transport_options = {"visibility_timeout": visibility}
     leases = Reclaimer(app, FetchOptions())
