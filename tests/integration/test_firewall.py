@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench._proc import tail
 from tests.bench.netns import Firewall, netns_available
 from tests.bench.workers import PreforkWorker
 
@@ -156,7 +157,7 @@ def test_sockets_the_kernel_aborted_are_healed_on_first_use(
               f"{after}, reconnected before a write: {healed}")  # fmt: skip
     assert before == {"ok": 4, "failed": 0}
     if heal:
-        assert after == {"ok": 4, "failed": 0}
+        assert after == {"ok": 4, "failed": 0}, tail(log, 60)  # which task failed, and how
         assert healed >= 1 or _pool_heals_at_checkout()
     elif _pool_heals_at_checkout():
         assert after == {"ok": 4, "failed": 0}  # this redis-py heals on its own
