@@ -6,22 +6,19 @@ import math
 import os
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from typing import Callable
 
 import redis
 
+from tests.bench import jobapp
 from tests.bench.workers import PreforkWorker
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    """Poll ``predicate`` every 5 ms until it holds; raise naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.005)
+    """The test bench's wait (:func:`tests.bench.jobapp.wait_until`), raising naming ``what``."""
+    if not jobapp.wait_until(predicate, timeout):
+        raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def nodename(worker: PreforkWorker) -> str:

@@ -256,9 +256,14 @@ def _wait_key(last: str | None, keys: list[str], sep: str) -> str:
     so the first key of a queue is its most urgent list.
     """
     if last in keys:
-        queue = last.split(sep, 1)[0]
-        return next(key for key in keys if key.split(sep, 1)[0] == queue)
+        queue = _queue_of(last, sep)
+        return next(key for key in keys if _queue_of(key, sep) == queue)
     return keys[0]
+
+
+def _queue_of(key: str, sep: str) -> str:
+    """The queue of one of kombu's lists (``q`` or ``q<sep><priority>``)."""
+    return key.rsplit(sep, 1)[0]
 
 
 def _script_failed(channel: Any, state: _ChannelFetch, exc: Exception) -> None:
@@ -272,7 +277,7 @@ def _script_failed(channel: Any, state: _ChannelFetch, exc: Exception) -> None:
 
 def _deliver(channel: Any, state: _ChannelFetch, reply: Any) -> bool:
     key = inflight.text(reply[0])[len(state.prefix) :]
-    dest = key.rsplit(channel.sep, 1)[0]
+    dest = _queue_of(key, channel.sep)
     channel._queue_cycle.rotate(dest)
     state.last_key, state.wait_next = key, False
     if not int(reply[2]):

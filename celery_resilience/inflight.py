@@ -242,11 +242,9 @@ def restore_one(qos: Any, tag: str, message: Any, client: Any, *, lost: bool) ->
 
 def decoded(raw: Any) -> Any:
     """kombu's JSON of a Redis reply (bytes or str), as kombu decodes it."""
-    from kombu.utils.encoding import bytes_to_str
     from kombu.utils.json import loads
 
-    text = cast("Callable[[Any], str]", bytes_to_str)(raw)  # kombu ships no annotations
-    return cast("Callable[[str], Any]", loads)(text)
+    return cast("Callable[[str], Any]", loads)(text(raw))  # kombu ships no annotations
 
 
 def text(raw: Any) -> str:

@@ -125,17 +125,17 @@ class Reclaimer:
         channel = self._channel()
         client = _raw(channel)
         prefix = _prefix(channel)
+        run = inflight.run_id(client)  # once per pass: renewals and data-loss checks read it
         if final:
-            self._reclaim(channel, client, prefix, final=True)
+            self._reclaim(channel, client, prefix, run, final=True)
             client.eval(_RETIRE, 2, prefix + OWNERS_KEY,
                         prefix + inflight.held_key(), inflight.owner())  # fmt: skip
             return
         now = float(client.eval(_HEARTBEAT, 1, prefix + OWNERS_KEY, inflight.owner()))
-        run = inflight.run_id(client)
         if self._renewal_due() or run != self._run_id:  # a restarted Redis: scores of its dump
             self._renew(channel, client, prefix)
             self._renewed, self._run_id = time.monotonic(), run
-        self._reclaim(channel, client, prefix)
+        self._reclaim(channel, client, prefix, run)
         self._since = self._since or time.monotonic()
         if time.monotonic() - self._since >= self.options.orphan_timeout:
             self._recover_orphans(channel, client, prefix, now)
@@ -158,12 +158,13 @@ class Reclaimer:
             chunk = {tag: now for tag in tags[i : i + _CHUNK]}
             client.zadd(prefix + channel.unacked_index_key, chunk, xx=True)
 
-    def _reclaim(self, channel: Any, client: Any, prefix: str, final: bool = False) -> None:
+    def _reclaim(
+        self, channel: Any, client: Any, prefix: str, run: str | None, final: bool = False
+    ) -> None:
         limbo = inflight.limbo()
         due = {t: h for t, h in limbo.items() if final or not inflight.still_running(h)}
-        current = inflight.run_id(client) if due else None
         for tag, held in due.items():
-            lost = inflight.data_lost(held.run_id, current)
+            lost = inflight.data_lost(held.run_id, run)
             inflight.restore_one(channel.qos, tag, held.message, _kombu(channel), lost=lost)
             inflight.forget([tag])
         restored = len(due)
