@@ -169,27 +169,53 @@ def _aborted(sock: Any) -> bool:
         return True
 
 
+def _needs_heal(conn: Any, sock: Any) -> bool:
+    """Whether ``conn``, about to write, idled a second or more on a socket the kernel closed."""
+    now = time.monotonic()
+    idle = now - conn.__dict__.get("_resilience_sent", now)
+    conn.__dict__["_resilience_sent"] = now
+    return sock is not None and _heal and idle >= _HEAL_AFTER_IDLE and _aborted(sock)
+
+
+def _heal_warning(conn: Any) -> None:
+    logger.warning(
+        "resilience: reconnecting to %s: the kernel closed the idle socket", conn._host_error()
+    )
+
+
 def _patched_send(original: Callable[..., Any]) -> Callable[..., Any]:
     # Keepalive turns a dead path into a socket the kernel has closed, but redis-py writes
     # to a pooled socket without checking it, and pools built from URLs (kombu, Celery's
     # result backend, django-redis) have no retry: the first write fails with EPIPE.
     # Checked here, before anything is written, reconnecting cannot duplicate a command.
     def send_packed_command(self: Any, command: Any, check_health: bool = True) -> Any:
-        sock = self._sock
-        now = time.monotonic()
-        if (
-            sock is not None
-            and now - self.__dict__.get("_resilience_sent", now) >= _HEAL_AFTER_IDLE
-            and _heal
-            and _aborted(sock)
-        ):
-            logger.warning(
-                "resilience: reconnecting to %s: the kernel closed the idle socket",
-                self._host_error(),
-            )
+        if _needs_heal(self, self._sock):
+            _heal_warning(self)
             self.disconnect()
-        self.__dict__["_resilience_sent"] = now
         return original(self, command, check_health)
+
+    send_packed_command.__wrapped__ = original  # type: ignore[attr-defined]
+    return send_packed_command
+
+
+def _async_socket(conn: Any) -> Any:
+    """The socket under a redis.asyncio connection's stream, or None when not connected."""
+    writer = getattr(conn, "_writer", None)
+    return writer.transport.get_extra_info("socket") if writer is not None else None
+
+
+def _patched_async_send(original: Callable[..., Any]) -> Callable[..., Any]:
+    # The same heal for redis.asyncio. A loop that is not running between calls (a loop a
+    # thread keeps, run_until_complete per job) sees the kernel's abort only when it next
+    # polls, in the middle of redis-py's write: on Python 3.12.1 with redis-py 4.6 the
+    # transport is closed under writelines() and the job fails with AttributeError
+    # ('_add_writer'), which nothing retries. redis-py reconnects in send_packed_command
+    # once disconnected, so healing here writes the command exactly once.
+    async def send_packed_command(self: Any, command: Any, check_health: bool = True) -> Any:
+        if _needs_heal(self, _async_socket(self)):
+            _heal_warning(self)
+            await self.disconnect(nowait=True)
+        return await original(self, command, check_health)
 
     send_packed_command.__wrapped__ = original  # type: ignore[attr-defined]
     return send_packed_command
@@ -205,6 +231,7 @@ def _targets() -> Iterator[tuple[type, str, Wrap]]:
     except ImportError:  # redis-py built without asyncio support
         return
     yield aconn.Connection, "_connect", _patched_async_connect
+    yield aconn.Connection, "send_packed_command", _patched_async_send
 
 
 def enable(provider: _Provider, *, heal: bool = True) -> None:
@@ -246,8 +273,7 @@ def _open_sockets() -> Iterator[tuple[Any, Any]]:
         if isinstance(obj, sync_types):
             sock = getattr(obj, "_sock", None)
         elif async_types and isinstance(obj, async_types):
-            writer = getattr(obj, "_writer", None)
-            sock = writer.transport.get_extra_info("socket") if writer else None
+            sock = _async_socket(obj)
         else:
             continue
         if sock is not None and getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):

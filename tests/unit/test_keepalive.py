@@ -119,9 +119,13 @@ def test_a_socket_the_peer_closed_counts_as_aborted(listener: socket.socket) -> 
 
 
 def test_undo_restores_inherited_methods() -> None:
-    before = {n: redis.connection.Connection.__dict__.get(n)
-              for n in ("_connect", "send_packed_command")}  # fmt: skip
+    import redis.asyncio.connection as aconn
+
+    names = [(cls, n) for cls in (redis.connection.Connection, aconn.Connection)
+             for n in ("_connect", "send_packed_command")]  # fmt: skip
+    before = {(cls, n): cls.__dict__.get(n) for cls, n in names}
+    originals = {(cls, n): getattr(cls, n) for cls, n in names}
     keepalive.enable(lambda: None)
+    assert all(getattr(cls, n).__wrapped__ is originals[cls, n] for cls, n in names)
     keepalive.disable()
-    after = {n: redis.connection.Connection.__dict__.get(n) for n in before}
-    assert after == before
+    assert {(cls, n): cls.__dict__.get(n) for cls, n in names} == before
