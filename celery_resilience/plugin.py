@@ -12,7 +12,7 @@ from .config import settings_for
 from .keepalive import enable as enable_keepalive
 from .keepalive import options_from
 from .routing import install_routing
-from .steps import Keepalive, KeepaliveReport, ReliableFetch, SettingsCheck
+from .steps import HeapFreeze, Keepalive, KeepaliveReport, ReliableFetch, SettingsCheck
 
 __all__ = ["install"]
 
@@ -34,6 +34,9 @@ def install(app: Any, *, keepalive: bool = True, routing: bool = True, fetch: bo
       unacked record, and a reclaimer thread puts back what a lost connection or a dead
       worker left behind, keeps held messages' leases, and survives Redis restarts
       (``resilience_fetch`` turns it off without a code change).
+    - Always: a worker whose full garbage collections get slow (a large held backlog)
+      freezes their survivors, so urgent tasks do not wait out 100-300 ms collections
+      (``resilience_gc_freeze``).
 
     Tasks get the retry behaviour from :class:`~celery_resilience.ResilientTask`
     (``task_cls=ResilientTask`` or ``base=ResilientTask``).
@@ -47,6 +50,7 @@ def install(app: Any, *, keepalive: bool = True, routing: bool = True, fetch: bo
         # the first connect, so install() may run before the configuration is loaded.
         # Healing is on here; a worker's bootstep applies resilience_keepalive_heal.
         enable_keepalive(lambda: options_from(settings_for(app)))
+    app.steps["worker"].add(HeapFreeze)
     if fetch:
         app.steps["worker"].add(ReliableFetch)
     if routing:

@@ -6,9 +6,9 @@ import logging
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import worker_process_init, worker_shutdown
+from celery.signals import task_received, worker_process_init, worker_shutdown
 
-from . import fetch, inflight, keepalive, signals
+from . import fetch, heap, inflight, keepalive, signals
 from .config import reset_settings, settings_for
 from .reclaim import Reclaimer
 
@@ -107,6 +107,50 @@ class ReliableFetch(bootsteps.StartStopStep):  # type: ignore[misc]
         worker_shutdown.disconnect(self.last_pass, sender=sender)
         if self.reclaimer is not None:
             self.reclaimer.stop()
+
+
+class HeapFreeze(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Freeze the survivors of slow full collections in the worker's main process.
+
+    See :mod:`~celery_resilience.heap`. ``task_received`` (sent by the consumer, in this
+    process) counts the ETA tasks taken in; the check (report, unfreeze) runs on the
+    worker's timer, in the consumer's loop.
+    """
+
+    name = "celery_resilience.HeapFreeze"
+    requires = (SettingsCheck, "celery.worker.components:Timer")
+    CHECK_EVERY = 5.0  # seconds
+
+    def create(self, worker: Any) -> None:
+        settings = settings_for(worker.app)
+        self.freezer: heap.Freezer | None = None
+        if settings.gc_freeze:
+            self.freezer = heap.Freezer(settings.gc_freeze_after, settings.gc_freeze_every)
+        self.tref: Any = None
+
+    def start(self, worker: Any) -> None:
+        if self.freezer is not None:
+            self.freezer.install()
+            task_received.connect(self._received, weak=False, dispatch_uid=self.name)
+            # The ETA tasks are the timer's entries (plus a few periodic ones of its own).
+            check = self.freezer.check
+            self.tref = worker.timer.call_repeatedly(
+                self.CHECK_EVERY, lambda: check(len(worker.timer))
+            )
+
+    def _received(self, request: Any = None, **_: Any) -> None:
+        if self.freezer is not None:
+            self.freezer.received(request)
+
+    def stop(self, worker: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+        if self.freezer is not None:
+            task_received.disconnect(self._received, dispatch_uid=self.name)
+            self.freezer.remove()
+
+    terminate = stop
 
 
 def _redis_broker(app: Any) -> bool:

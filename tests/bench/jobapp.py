@@ -8,6 +8,7 @@ Configured from the environment:
 - ``JOB_VISIBILITY_TIMEOUT``: kombu's visibility timeout, swept every second.
 - ``JOB_ORPHAN_TIMEOUT``, ``JOB_HEARTBEAT``: the reclaimer's settings.
 - ``JOB_PRIORITIES=1``: priority steps 0-9, the lists polled in priority order (0 first).
+- ``JOB_GC_FREEZE``, ``JOB_GC_FREEZE_EVERY``, ``JOB_GC_FREEZE_AFTER``: the freezer's settings.
 
 ``job.item(n, seconds)`` works ``seconds`` and then records item ``n`` idempotently: the
 job's count goes up only the first time ``n`` is recorded, however often the task runs;
@@ -45,9 +46,11 @@ def transport_options(environ: Any = os.environ) -> dict[str, Any]:
 app = Celery("jobapp", broker=BROKER_URL, set_as_current=False)
 app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=True)
 app.conf.broker_transport_options = transport_options()
-for key in ("ORPHAN_TIMEOUT", "HEARTBEAT"):
-    if f"JOB_{key}" in os.environ:
-        app.conf[f"resilience_fetch_{key.lower()}"] = float(os.environ[f"JOB_{key}"])
+for key in ("FETCH_ORPHAN_TIMEOUT", "FETCH_HEARTBEAT", "GC_FREEZE", "GC_FREEZE_EVERY",
+            "GC_FREEZE_AFTER"):  # fmt: skip
+    env_key = "JOB_" + key.replace("FETCH_", "")
+    if env_key in os.environ:
+        app.conf[f"resilience_{key.lower()}"] = os.environ[env_key]  # strings are parsed
 
 # Count an item only when it is new: a retried or redelivered task cannot count twice.
 _RECORD = """
