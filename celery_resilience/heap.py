@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 class Freezer:
-    """Freeze the survivors of slow full collections in this process; undo with :meth:`remove`."""
+    """Freeze what is alive as a backlog arrives or a collection is slow; undo with remove()."""
 
     def __init__(self, threshold: float, every: int = 500, max_frozen: float = 600.0) -> None:
         self.threshold = threshold
