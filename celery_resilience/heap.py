@@ -98,22 +98,21 @@ class Freezer:
                 gc.get_freeze_count(), self.freezes, pending, self.slowest * 1000,
             )  # fmt: skip
         if pending * 2 <= self.peak or time.monotonic() - self._since >= self.max_frozen:
-            left = gc.get_freeze_count()
-            gc.unfreeze()
-            logger.info(
-                "resilience: unfroze %d objects (%d of %d ETA tasks still held)",
-                left, pending, self.peak,
-            )  # fmt: skip
-            self.peak, self._since = 0, None
+            self._unfreeze(f"{pending} of {self.peak} ETA tasks still held")
+
+    def _unfreeze(self, why: str) -> None:
+        left = gc.get_freeze_count()
+        gc.unfreeze()
+        logger.info("resilience: unfroze %d objects (%s)", left, why)
+        self.peak, self._since = 0, None
 
     def install(self) -> None:
         if self not in gc.callbacks:
             gc.callbacks.append(self)
 
     def remove(self) -> None:
-        """Stop freezing and unfreeze what this process froze."""
+        """Stop freezing and unfreeze what this process froze (the consumer stopped)."""
         if self in gc.callbacks:
             gc.callbacks.remove(self)
         if self._since is not None and os.getpid() == self.pid:
-            gc.unfreeze()
-            self.peak, self._since = 0, None
+            self._unfreeze("the consumer stopped: the ETA tasks it held are dropped")

@@ -50,7 +50,7 @@ def install(app: Any, *, keepalive: bool = True, routing: bool = True, fetch: bo
         # the first connect, so install() may run before the configuration is loaded.
         # Healing is on here; a worker's bootstep applies resilience_keepalive_heal.
         enable_keepalive(lambda: options_from(settings_for(app)))
-    app.steps["worker"].add(HeapFreeze)
+    app.steps["consumer"].add(HeapFreeze)
     if fetch:
         app.steps["worker"].add(ReliableFetch)
     if routing:

@@ -110,39 +110,40 @@ class ReliableFetch(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 class HeapFreeze(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Freeze the survivors of slow full collections in the worker's main process.
+    """Keep the garbage collector from walking the ETA tasks the consumer holds.
 
-    See :mod:`~celery_resilience.heap`. ``task_received`` (sent by the consumer, in this
-    process) counts the ETA tasks taken in; the check (report, unfreeze) runs on the
-    worker's timer, in the consumer's loop.
+    See :mod:`~celery_resilience.heap`. A consumer step: Celery restarts the consumer
+    after a lost connection, and its ``on_close`` clears the timer (every ETA task it
+    held, and any entry of ours); the freeze ends with it and starts again with the new
+    consumer. ``task_received`` (sent by the consumer, in this process) counts the ETA
+    tasks taken in; the check (report, unfreeze) runs on the consumer's timer.
     """
 
     name = "celery_resilience.HeapFreeze"
-    requires = (SettingsCheck, "celery.worker.components:Timer")
     CHECK_EVERY = 5.0  # seconds
 
-    def create(self, worker: Any) -> None:
-        settings = settings_for(worker.app)
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        settings = settings_for(consumer.app)
         self.freezer: heap.Freezer | None = None
         if settings.gc_freeze:
             self.freezer = heap.Freezer(settings.gc_freeze_after, settings.gc_freeze_every)
         self.tref: Any = None
+        super().__init__(consumer, **kwargs)
 
-    def start(self, worker: Any) -> None:
-        if self.freezer is not None:
-            self.freezer.install()
-            task_received.connect(self._received, weak=False, dispatch_uid=self.name)
-            # The ETA tasks are the timer's entries (plus a few periodic ones of its own).
-            check = self.freezer.check
-            self.tref = worker.timer.call_repeatedly(
-                self.CHECK_EVERY, lambda: check(len(worker.timer))
-            )
+    def start(self, consumer: Any) -> None:
+        if self.freezer is None:
+            return
+        self.freezer.install()
+        task_received.connect(self._received, weak=False, dispatch_uid=self.name)
+        # The ETA tasks are the timer's entries (plus a few periodic ones of Celery's).
+        timer, check = consumer.timer, self.freezer.check
+        self.tref = timer.call_repeatedly(self.CHECK_EVERY, lambda: check(len(timer)))
 
     def _received(self, request: Any = None, **_: Any) -> None:
         if self.freezer is not None:
             self.freezer.received(request)
 
-    def stop(self, worker: Any) -> None:
+    def stop(self, consumer: Any) -> None:
         if self.tref is not None:
             self.tref.cancel()
             self.tref = None
@@ -150,7 +151,7 @@ class HeapFreeze(bootsteps.StartStopStep):  # type: ignore[misc]
             task_received.disconnect(self._received, dispatch_uid=self.name)
             self.freezer.remove()
 
-    terminate = stop
+    shutdown = stop
 
 
 def _redis_broker(app: Any) -> bool:

@@ -23,9 +23,16 @@ class Node:
 Make = Callable[..., Freezer]
 
 
+def unfrozen() -> bool:
+    """Nothing frozen but Python 3.12's own: its collections move immortal objects (a few
+    hundred at start) to the permanent generation."""
+    return gc.get_freeze_count() < 1_000
+
+
 @pytest.fixture
 def freezer() -> Iterator[Make]:
     gc.unfreeze()
+    gc.disable()  # only the tests' own collections: an automatic one would freeze too
     made: list[Freezer] = []
 
     def make(threshold: float, **kwargs: float) -> Freezer:
@@ -36,6 +43,7 @@ def freezer() -> Iterator[Make]:
     for f in made:
         f.remove()
     gc.unfreeze()
+    gc.enable()
 
 
 def test_a_slow_full_collection_freezes_its_survivors(freezer: Make) -> None:
@@ -43,7 +51,7 @@ def test_a_slow_full_collection_freezes_its_survivors(freezer: Make) -> None:
     f.install()
     backlog = [Node() for _ in range(10_000)]
     gc.collect(1)  # a young collection does not count
-    assert (f.freezes, gc.get_freeze_count()) == (0, 0)
+    assert (f.freezes, unfrozen()) == (0, True)
     gc.collect()
     assert f.freezes == 1
     assert gc.get_freeze_count() >= 10_000 and len(backlog) == 10_000  # alive, not walked
@@ -61,7 +69,7 @@ def test_every_nth_eta_task_taken_in_freezes(freezer: Make) -> None:
     f.install()
     for _ in range(5):
         f.received(Request(eta=None))  # tasks without an ETA do not count
-    assert (f.freezes, gc.get_freeze_count()) == (0, 0)
+    assert (f.freezes, unfrozen()) == (0, True)
     f.received(Request(eta="2026-12-02T04:00:00"))
     f.received(Request(eta="2026-12-02T04:00:00"))
     assert f.freezes == 0
@@ -73,14 +81,14 @@ def test_arrivals_freeze_nothing_with_every_0(freezer: Make) -> None:
     f = freezer(60.0, every=0)
     for _ in range(10):
         f.received(Request(eta="2026-12-02T04:00:00"))
-    assert (f.freezes, gc.get_freeze_count()) == (0, 0)
+    assert (f.freezes, unfrozen()) == (0, True)
 
 
 def test_a_fast_full_collection_freezes_nothing(freezer: Make) -> None:
     f = freezer(60.0)
     f.install()
     gc.collect()
-    assert (f.freezes, gc.get_freeze_count()) == (0, 0)
+    assert (f.freezes, unfrozen()) == (0, True)
     assert f.slowest > 0
 
 
@@ -106,7 +114,7 @@ def test_unfreezes_once_the_eta_backlog_is_down_to_half(
         f.check(pending=501)
         assert gc.get_freeze_count() > 0 and f.peak == 1000  # still mostly held
         f.check(pending=500)
-    assert gc.get_freeze_count() == 0 and f.peak == 0
+    assert unfrozen() and f.peak == 0
     assert "objects frozen" in caplog.text
     assert "(500 of 1000 ETA tasks still held)" in caplog.text
 
@@ -114,7 +122,7 @@ def test_unfreezes_once_the_eta_backlog_is_down_to_half(
 def test_nothing_to_check_before_a_freeze(freezer: Make) -> None:
     f = freezer(60.0)
     f.check(pending=0)
-    assert (f.peak, gc.get_freeze_count()) == (0, 0)
+    assert (f.peak, unfrozen()) == (0, True)
 
 
 def test_unfreezes_after_max_frozen_seconds(freezer: Make) -> None:
@@ -125,7 +133,7 @@ def test_unfreezes_after_max_frozen_seconds(freezer: Make) -> None:
     assert gc.get_freeze_count() > 0
     gc.callbacks.remove(f)
     f.check(pending=len(keep))  # the backlog is all there, but it has been too long
-    assert gc.get_freeze_count() == 0 and keep
+    assert unfrozen() and keep
 
 
 def test_remove_unfreezes_and_stops(freezer: Make) -> None:
@@ -135,9 +143,9 @@ def test_remove_unfreezes_and_stops(freezer: Make) -> None:
     assert gc.callbacks.count(f) == 1
     gc.collect()
     f.remove()
-    assert f not in gc.callbacks and gc.get_freeze_count() == 0
+    assert f not in gc.callbacks and unfrozen()
     gc.collect()
-    assert gc.get_freeze_count() == 0
+    assert unfrozen()
 
 
 def test_another_process_inheriting_the_callback_freezes_nothing(freezer: Make) -> None:
@@ -145,7 +153,7 @@ def test_another_process_inheriting_the_callback_freezes_nothing(freezer: Make) 
     f.pid = -1  # as in a pool child: the callback list came with the fork
     f.install()
     gc.collect()
-    assert (f.freezes, gc.get_freeze_count()) == (0, 0)
+    assert (f.freezes, unfrozen()) == (0, True)
 
 
 @pytest.mark.parametrize(("key", "value"), [("gc_freeze", "maybe"), ("gc_freeze_after", -1),
