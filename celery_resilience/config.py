@@ -78,8 +78,9 @@ class Settings:
     # Keep the garbage collector from walking a held backlog in the worker's main process
     # (with 10 000 ETA tasks held, full collections take 100-300 ms): freeze what is
     # alive (gc.freeze) after every gc_freeze_every ETA/countdown tasks taken in (0: never)
-    # and after any full collection of gc_freeze_after seconds or more. Undone once half
-    # of what was frozen is gone. A worker without a backlog is never frozen.
+    # and after any full collection of gc_freeze_after seconds or more. Undone when the
+    # ETA backlog halves, the consumer stops, or after 10 minutes (heap.py). A worker
+    # that takes in no ETA tasks and whose collections stay short is never frozen.
     gc_freeze: bool = True
     gc_freeze_every: int = 500
     gc_freeze_after: float = 0.01

@@ -21,7 +21,8 @@ cycles among them stays until they are unfrozen, and a Celery request is such a 
 measured, 1 500 ETA tasks that had run left 97 % of what was frozen in place.
 :meth:`Freezer.check` (every few seconds) therefore unfreezes once the worker's ETA
 backlog is down to half its peak (it ran, or went back to the broker), or
-``max_frozen`` seconds after the first freeze; the next full collection frees them.
+``max_frozen`` seconds after the first freeze, and :meth:`Freezer.remove` when the
+consumer stops; the next full collection frees them.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ def install(app: Any, *, keepalive: bool = True, routing: bool = True, fetch: bo
       unacked record, and a reclaimer thread puts back what a lost connection or a dead
       worker left behind, keeps held messages' leases, and survives Redis restarts
       (``resilience_fetch`` turns it off without a code change).
-    - Always: a worker whose full garbage collections get slow (a large held backlog)
-      freezes their survivors, so urgent tasks do not wait out 100-300 ms collections
-      (``resilience_gc_freeze``).
+    - Always: a worker taking in a large ETA backlog (or whose full garbage collections
+      get slow) freezes what is alive out of the collector's walks, so urgent tasks do
+      not wait out 100-300 ms collections (``resilience_gc_freeze``).
 
     Tasks get the retry behaviour from :class:`~celery_resilience.ResilientTask`
     (``task_cls=ResilientTask`` or ``base=ResilientTask``).
