@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ENV = re.compile(r"^py3(\d+)-celery5(\d)-redis(\d)$")
-RESULT = re.compile(r"^\s*(py3\d+-celery5\d-redis\d): (OK|FAIL)")
+RESULT = re.compile(r"^[.\s]*(py3\d+-celery5\d-redis\d): (OK|FAIL)")
 
 
 def main(envs_file: str, *logs: str) -> None:
