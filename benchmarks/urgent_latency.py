@@ -123,9 +123,9 @@ def backlog_run(
         drained = lambda: held_by_worker() and not waiting(client)  # noqa: E731
         sent = publish_urgent(app, opts.interval, then_for(drained, opts.tail))
         phases["restored"] = collect(client, sent)
-        for entry in w.log.splitlines():
-            if "froze" in entry:
-                print("   ", entry.split("] ", 1)[-1], flush=True)
+        for entry in w.log.splitlines():  # the plugin's freezer, if it acted
+            if "objects frozen" in entry or "unfroze" in entry:
+                print("    worker:", entry.split("] ", 1)[-1], flush=True)
         w.kill()  # nothing more to measure: skip restoring the backlog again
     return phases
 

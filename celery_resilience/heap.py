@@ -67,8 +67,11 @@ class Freezer:
             self._freeze()
 
     def received(self, request: Any) -> None:
-        """A task the worker took in (``task_received``): freeze every ``every`` ETA tasks."""
-        if not self.every or getattr(request, "eta", None) is None or os.getpid() != self.pid:
+        """A task the worker took in (``task_received``): freeze every ``every`` ETA tasks.
+
+        Per message, in the consumer (only the main process receives): no pid check.
+        """
+        if not self.every or getattr(request, "eta", None) is None:
             return
         self._arrived += 1
         if self._arrived >= self.every:

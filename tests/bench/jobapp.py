@@ -46,11 +46,14 @@ def transport_options(environ: Any = os.environ) -> dict[str, Any]:
 app = Celery("jobapp", broker=BROKER_URL, set_as_current=False)
 app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=True)
 app.conf.broker_transport_options = transport_options()
-for key in ("FETCH_ORPHAN_TIMEOUT", "FETCH_HEARTBEAT", "GC_FREEZE", "GC_FREEZE_EVERY",
-            "GC_FREEZE_AFTER"):  # fmt: skip
-    env_key = "JOB_" + key.replace("FETCH_", "")
+_SETTINGS = {"JOB_ORPHAN_TIMEOUT": "resilience_fetch_orphan_timeout",
+             "JOB_HEARTBEAT": "resilience_fetch_heartbeat",
+             "JOB_GC_FREEZE": "resilience_gc_freeze",
+             "JOB_GC_FREEZE_EVERY": "resilience_gc_freeze_every",
+             "JOB_GC_FREEZE_AFTER": "resilience_gc_freeze_after"}  # fmt: skip
+for env_key, setting in _SETTINGS.items():
     if env_key in os.environ:
-        app.conf[f"resilience_{key.lower()}"] = os.environ[env_key]  # strings are parsed
+        app.conf[setting] = os.environ[env_key]  # strings are parsed and validated
 
 # Count an item only when it is new: a retried or redelivered task cannot count twice.
 _RECORD = """
