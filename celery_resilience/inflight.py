@@ -24,6 +24,9 @@ where kombu's Redis transport (and Celery's prefork pool) mishandle a lost conne
 - ``Transport.close_connection``: kombu stops closing the transport's channels at the
   first one that raises (the remote-control channel, with Redis down), so the consumer's
   channel is never closed and never hands back what it delivered (Celery <= 5.6).
+- ``Channel._on_connection_disconnect`` (kombu < 5.7): a connection of a channel that
+  never opened or has closed, freed by the collector, stops the live consumer's polling
+  (the worker never fetches again); only a channel the poller serves reports now.
 - Celery's ``AsynPool.flush``: it forgets the tasks the pool runs (<= 5.6) or was sent
   (5.7) when the connection is lost, so they are never acked; the patch keeps them.
 
@@ -283,6 +286,30 @@ def _patched_connparams(original: Callable[..., Any]) -> Callable[..., Any]:
     return _connparams
 
 
+def _patched_on_connection_disconnect(original: Callable[..., Any]) -> Callable[..., Any]:
+    # kombu < 5.7 stops the event loop's polling (loop.on_tick.remove(on_poll_start)) when
+    # any connection of any channel of the transport disconnects. redis-py disconnects a
+    # connection again when the collector frees it (Connection.__del__), and the channels
+    # a reconnecting consumer failed to open (their ping failed while Redis was down; kombu
+    # < 5.4 reports them all) or closed belong to the same transport: freed later, they
+    # stop the *live* consumer's polling. The worker stays up and answers inspect, and
+    # never fetches again (celery/celery#8030; kombu#2007 and #2492 upstream). Seen here
+    # on Python 3.13 x kombu 5.3: a worker that held 1 500 ETA tasks through a Redis
+    # restart took back 34 and stopped. Only a channel the poller still serves reports.
+    def _on_connection_disconnect(self: Any, connection: Any) -> None:
+        cycle = getattr(self.connection, "cycle", None)
+        if cycle is None or self in cycle._channels:
+            original(self, connection)
+            return
+        if self._in_poll is connection:  # the channel's own state, as kombu clears it
+            self._in_poll = None
+        if self._in_listen is connection:
+            self._in_listen = None
+
+    _on_connection_disconnect.__wrapped__ = original  # type: ignore[attr-defined]
+    return _on_connection_disconnect
+
+
 class _Rebound:
     """The channel as kombu's ``_connparams`` reads it, with its transport's info back."""
 
@@ -430,16 +457,20 @@ _patches = Patches()
 
 
 def _targets() -> list[tuple[Any, str, Wrap]]:
+    import kombu
     from celery.concurrency.asynpool import AsynPool
     from kombu.transport.redis import Channel, QoS, Transport
 
-    return [
+    targets: list[tuple[Any, str, Wrap]] = [
         (Channel, "_connparams", _patched_connparams),
         (QoS, "restore_unacked", _patched_restore_unacked),
         (QoS, "_remove_from_indices", _patched_remove),
         (Transport, "close_connection", _patched_close_connection),  # inherited (virtual)
         (AsynPool, "flush", _patched_flush),
     ]
+    if tuple(kombu.VERSION[:2]) < (5, 7):  # 5.7 no longer stops polling on a disconnect
+        targets.append((Channel, "_on_connection_disconnect", _patched_on_connection_disconnect))
+    return targets
 
 
 def enable(name: str | None = None) -> None:

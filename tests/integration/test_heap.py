@@ -75,13 +75,6 @@ def test_a_held_eta_backlog_is_frozen_and_let_go_when_the_worker_stops(freeze: b
         assert (reported, UNFROZE in log) == (0, False)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="seen on py313 x celery 5.3 (redis-py 4.6: 3 runs of 3; 5.x in the matrix): "
-    "after the restart the worker takes back ~20 of the 1 500 and stops fetching; its "
-    "fetch connection's last EVALSHA reply was read (Recv-Q 0) and no next fetch was "
-    "sent. Cause not found yet; it happens with the freeze off too",
-)
 def test_a_worker_holding_1500_eta_tasks_takes_them_all_back_after_a_redis_restart() -> None:
     """The consumer drops what it holds when Redis restarts (Celery clears its timer), the
     reclaimer puts it back, the new consumer takes it in again, and freezes it again."""
