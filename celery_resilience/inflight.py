@@ -26,7 +26,8 @@ where kombu's Redis transport (and Celery's prefork pool) mishandle a lost conne
   channel is never closed and never hands back what it delivered (Celery <= 5.6).
 - ``Channel._on_connection_disconnect`` (kombu < 5.7): a connection of a channel that
   never opened or has closed, freed by the collector, stops the live consumer's polling
-  (the worker never fetches again); only a channel the poller serves reports now.
+  (the worker never fetches again); only a channel the poller serves reports now, and
+  the poller forgets the sockets of one it no longer serves.
 - Celery's ``AsynPool.flush``: it forgets the tasks the pool runs (<= 5.6) or was sent
   (5.7) when the connection is lost, so they are never acked; the patch keeps them.
 
@@ -295,7 +296,9 @@ def _patched_on_connection_disconnect(original: Callable[..., Any]) -> Callable[
     # stop the *live* consumer's polling. The worker stays up and answers inspect, and
     # never fetches again (celery/celery#8030; kombu#2007 and #2492 upstream). Seen here
     # on Python 3.13 x kombu 5.3: a worker that held 1 500 ETA tasks through a Redis
-    # restart took back 34 and stopped. Only a channel the poller still serves reports.
+    # restart took back 34 and stopped. Only a channel the poller still serves reports;
+    # one it no longer serves is forgotten by the poller, which would otherwise hand the
+    # loop its closed sockets on the next tick (EBADF). kombu 5.7 does both (#2492, #2630).
     def _on_connection_disconnect(self: Any, connection: Any) -> None:
         cycle = getattr(self.connection, "cycle", None)
         if cycle is None or self in cycle._channels:
@@ -305,6 +308,10 @@ def _patched_on_connection_disconnect(original: Callable[..., Any]) -> Callable[
             self._in_poll = None
         if self._in_listen is connection:
             self._in_listen = None
+        for key in [key for key in cycle._chan_to_sock if key[0] is self]:
+            del cycle._chan_to_sock[key]
+        for fd in [fd for fd, (chan, _) in cycle._fd_to_chan.items() if chan is self]:
+            del cycle._fd_to_chan[fd]
 
     _on_connection_disconnect.__wrapped__ = original  # type: ignore[attr-defined]
     return _on_connection_disconnect

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault]
 QUEUE = "work"
 TICKS = 40  # event-loop iterations to wait for one message (each polls 0.05 s at most)
 # The kombu versions whose loop stops, per case (fixed upstream by kombu#2007, #2492).
-STOPS = {"never-opened": (5, 4), "closed": (5, 7)}
+STOPS = {"never-opened": (5, 4), "closed": (5, 7), "closed-consumer": (5, 7)}
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +56,7 @@ def free(channel: Any) -> None:
     channel.__dict__["client"].connection_pool.disconnect()
 
 
-@pytest.mark.parametrize("case", ["never-opened", "closed"])
+@pytest.mark.parametrize("case", ["never-opened", "closed", "closed-consumer"])
 @pytest.mark.parametrize("plugin", [True, False], ids=["plugin", "control"])
 def test_a_freed_channel_does_not_stop_the_consumer_fetching(plugin: bool, case: str) -> None:
     if plugin:
@@ -77,6 +77,8 @@ def test_a_freed_channel_does_not_stop_the_consumer_fetching(plugin: bool, case:
         loop = hub.create_loop()
         try:
             Consumer(channel, [Queue(QUEUE)], callbacks=[on_message], accept=["json"]).consume()
+            if case == "closed-consumer":  # its fetch is registered in the loop too
+                Consumer(stale, [Queue("other")], callbacks=[on_message], accept=["json"]).consume()
             conn.register_with_event_loop(hub)
 
             def publish_and_tick(n: int) -> None:
@@ -87,8 +89,9 @@ def test_a_freed_channel_does_not_stop_the_consumer_fetching(plugin: bool, case:
                     next(loop)
 
             publish_and_tick(1)
-            if case == "closed":
-                stale.client.ping()
+            if case.startswith("closed"):
+                if case == "closed":
+                    stale.client.ping()  # a channel that has used its connection
                 stale.close()  # disconnects its connections now
             else:
                 free(stale)
