@@ -214,7 +214,8 @@ def test_disable_puts_kombus_functions_back() -> None:
     polling = {
         (Channel, "_on_connection_disconnect"): Channel.__dict__["_on_connection_disconnect"]
     }
-    if kombu.VERSION[:2] < (5, 7):  # only there kombu stops polling on any disconnect
+    stops_polling = kombu.VERSION[:2] < (5, 7)  # only there kombu stops on any disconnect
+    if stops_polling:
         originals.update(polling)
     fetch.enable(lambda: FetchOptions())
     inflight.enable("w")
@@ -222,7 +223,7 @@ def test_disable_puts_kombus_functions_back() -> None:
     inflight.enable("w")
     assert all(c.__dict__[n].__wrapped__ is o for (c, n), o in originals.items())
     wrapped = hasattr(Channel.__dict__["_on_connection_disconnect"], "__wrapped__")
-    assert wrapped == (kombu.VERSION[:2] < (5, 7))
+    assert wrapped == stops_polling
     assert Transport.__dict__["close_connection"].__wrapped__ is VirtualTransport.close_connection
     fetch.disable()
     inflight.disable()
