@@ -266,7 +266,8 @@ def test_prefork_worker_end_to_end(
     members = worker.group_pids()
     assert main in members and child in members and child != main
     assert len(members) == 3  # main process + concurrency=2 pool children
-    assert worker.stop() == 0  # SIGTERM: warm shutdown, clean exit
+    rc = worker.stop()  # SIGTERM: warm shutdown, clean exit
+    assert rc == 0, f"warm shutdown ended rc={rc}; worker log tail:\n{worker.log[-6000:]}"
     assert "Warm shutdown" in worker.log
     assert not any(pid_alive(pid) for pid in members)
     with pytest.raises(ProcessLookupError):
@@ -281,6 +282,24 @@ def test_prefork_worker_kill_leaves_nothing(
     members = worker.group_pids()
     assert len(members) == 3
     assert worker.kill() == -9
+    assert not any(pid_alive(pid) for pid in members)
+
+
+def test_prefork_worker_stop_timeout_dumps_stacks_then_kills(
+    redis_url: str,
+    prefork_worker: Callable[..., PreforkWorker],
+    producer: Callable[[str], Celery],
+) -> None:
+    worker = prefork_worker(TINYAPP, env={"BENCH_BROKER_URL": redis_url}, cwd=str(ROOT))
+    app = producer(redis_url)
+    app.send_task("bench.sleep", args=(120,))
+    worker.wait_for_log(r"Task bench\.sleep\[.*\] received")
+    members = worker.group_pids()
+    # A warm shutdown waits for the running task, so this one cannot finish in 3 s.
+    assert worker.stop(timeout=3.0) == -9
+    # Celery's SIGUSR1 "cry" dump, written before the kill: the main thread's stack.
+    assert "MainThread\n" + "=" * 49 + "\n" in worker.log
+    assert "LOCAL VARIABLES" in worker.log
     assert not any(pid_alive(pid) for pid in members)
 
 

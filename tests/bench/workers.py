@@ -198,8 +198,10 @@ class PreforkWorker(_proc.StartClose):
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         """Signal the main process (TERM = warm, QUIT = cold shutdown) and wait for it.
 
-        After ``timeout`` the whole group is SIGKILLed; leftover children are swept either
-        way.  Returns the main process's exit code.  Idempotent.
+        After ``timeout`` the worker is asked for its thread stacks (SIGUSR1: Celery's
+        ``cry`` handler writes them to the log, so a hung shutdown shows where it hung) and
+        the whole group is SIGKILLed; leftover children are swept either way.  Returns the
+        main process's exit code.  Idempotent.
         """
         proc = self._proc
         if proc is None:
@@ -209,6 +211,7 @@ class PreforkWorker(_proc.StartClose):
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                self._dump_stacks(proc)
                 _proc.kill_group(proc.pid)
                 proc.wait()
         # A warm shutdown has already reaped the pool; after a cold one or a timeout the
@@ -216,6 +219,14 @@ class PreforkWorker(_proc.StartClose):
         if not _proc.wait_group_empty(proc.pid, 5.0):
             _proc.kill_group(proc.pid)
         return self._forget(proc)
+
+    @staticmethod
+    def _dump_stacks(proc: subprocess.Popen[bytes], wait: float = 2.0) -> None:
+        try:
+            proc.send_signal(signal.SIGUSR1)
+            proc.wait(wait)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
 
     def kill(self) -> int | None:
         """SIGKILL the main process only (a crash), then sweep its orphans by group."""
