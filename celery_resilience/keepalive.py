@@ -179,8 +179,9 @@ def _needs_heal(conn: Any, sock: Any) -> bool:
 
 def _heal_warning(conn: Any) -> None:
     logger.warning(
-        "resilience: reconnecting to %s: the kernel closed the idle socket", conn._host_error()
-    )
+        "resilience: reconnecting %s to %s: the kernel closed the idle socket",
+        type(conn).__module__.rsplit(".", 1)[0], conn._host_error(),
+    )  # fmt: skip
 
 
 def _patched_send(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import redis
 
+from celery_resilience import keepalive
+from tests import upstream
 from tests.bench._proc import tail
+from tests.bench.jobapp import wait_until
 from tests.bench.netns import Firewall, netns_available
 from tests.bench.workers import PreforkWorker
 
@@ -118,26 +123,14 @@ def test_worker_idle_past_the_firewall_timeout_loses_nothing(
         assert after["failed"] >= 1 and forgotten >= 1
 
 
-def _pool_heals_at_checkout() -> bool:
-    """Whether the control recovers on its own: it does on Python 3.9 only.
-
-    The first write on a socket keepalive aborted fails with ETIMEDOUT. redis-py catches
-    ``socket.timeout`` before ``OSError``; since Python 3.10 ``socket.timeout`` *is*
-    ``TimeoutError``, so the error becomes redis ``TimeoutError`` (not retried by Celery's
-    result backend: the task fails, 2/4). On 3.9 it becomes ``ConnectionError``, which the
-    backend retries on a new connection (4/4). Measured in the full matrix: py39 with
-    redis-py 4.6 and 5.3 finish 4/4; py310-313 with redis-py 4.6 to 8.1 fail 2/4.
-    """
-    return sys.version_info < (3, 10)
-
-
 @pytest.mark.parametrize("heal", [True, False], ids=["heal", "control-no-heal"])
 def test_sockets_the_kernel_aborted_are_healed_on_first_use(
     firewall: Firewall, heal: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Keepalive turns a dead path into a socket the kernel closed (not a hang); the next
     use of that socket must be healed. The task's own clients are healed by
-    ResilientTask's in-process tier either way; Celery's result backend only by the heal.
+    ResilientTask's in-process tier either way; Celery's result backend by the heal, or by
+    redis-py itself where its pool checks a connection at checkout (see tests/upstream.py).
     """
     server = firewall.redis_server()
     url = f"redis://{firewall.server_addr}:{server.port}"
@@ -151,15 +144,80 @@ def test_sockets_the_kernel_aborted_are_healed_on_first_use(
         after = publish(firewall, url, 4)
         log = worker.log
         worker.kill()
-    healed = log.count("the kernel closed the idle socket")
+    healed = {kind: log.count(f"reconnecting {kind} to") for kind in ("redis", "redis.asyncio")}
     with capsys.disabled():
         print(f"\n  abort {'heal' if heal else 'no heal'}: before {before}, after the outage "
               f"{after}, reconnected before a write: {healed}")  # fmt: skip
     assert before == {"ok": 4, "failed": 0}
     if heal:
         assert after == {"ok": 4, "failed": 0}, tail(log, 60)  # which task failed, and how
-        assert healed >= 1 or _pool_heals_at_checkout()
-    elif _pool_heals_at_checkout():
-        assert after == {"ok": 4, "failed": 0}  # this redis-py heals on its own
+        # The children's asyncio clients (their loops stopped between jobs) are healed by
+        # us on every redis-py. The pooled sync clients only where redis-py does not
+        # reconnect them at checkout itself: where it does, the heal finds live sockets.
+        assert healed["redis.asyncio"] >= 1
+        if upstream.REDIS_POOL_RECONNECTS_ABORTED_SOCKETS:
+            assert healed["redis"] == 0
+        else:
+            assert healed["redis"] >= 1
+    elif upstream.REDIS_POOL_RECONNECTS_ABORTED_SOCKETS:
+        assert after == {"ok": 4, "failed": 0}  # this redis-py heals pooled sockets itself
     else:
         assert after["failed"] >= 1 and "Broken pipe" in log
+
+
+def _abort(firewall: Firewall, sockets: list[socket.socket]) -> None:
+    """Cut the path until keepalive (1 s idle, 1 s x 3 probes) has aborted every socket."""
+    firewall.block()
+    try:
+        assert wait_until(lambda: all(keepalive._aborted(s) for s in sockets), timeout=30)
+    finally:
+        firewall.unblock()
+
+
+@pytest.mark.parametrize("heal", [True, False], ids=["heal", "control-no-heal"])
+def test_which_connections_redis_py_heals_itself_after_a_keepalive_abort(
+    firewall: Firewall, heal: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The measurement behind the heal, per kind of connection, on this redis-py.
+
+    ``pooled``: a client built from a URL (as kombu, Celery's backend and django-redis
+    build theirs: no retries); redis-py checks a connection when the pool hands it out.
+    ``bare``: a connection used without a checkout (a PubSub's, a single-connection
+    client's). With the heal both write once; without it, ``bare`` fails on every
+    redis-py and ``pooled`` fails unless redis-py reconnects timed-out sockets itself.
+    """
+    server = firewall.redis_server()
+    keepalive.enable(lambda: keepalive.KeepaliveOptions(1, 1, 3, 0), heal=heal)
+    netns_connection = firewall.connection_class("client")
+    pooled = redis.Redis.from_url(
+        f"redis://{firewall.server_addr}:{server.port}/0", connection_class=netns_connection
+    )
+    bare = netns_connection(host=firewall.server_addr, port=server.port)
+    outcome: dict[str, str] = {}
+    try:
+        pooled.ping()
+        bare.send_command("PING")
+        bare.read_response()
+        pooled_sock = pooled.connection_pool._available_connections[0]._sock
+        _abort(firewall, [pooled_sock, bare._sock])
+        for kind, incr in (("pooled", lambda: pooled.incr("pooled")),
+                           ("bare", lambda: (bare.send_command("INCR", "bare"),
+                                             bare.read_response())[1])):  # fmt: skip
+            try:
+                outcome[kind] = f"ok {incr()}"
+            except redis.RedisError as exc:
+                outcome[kind] = type(exc).__name__
+    finally:
+        keepalive.disable()
+        pooled.close()
+        bare.disconnect()
+    with capsys.disabled():
+        print(f"\n  keepalive abort, redis-py {redis.__version__}, heal={heal}: {outcome}")
+    broken = upstream.REDIS_ABORTED_WRITE_ERROR
+    pool_heals = upstream.REDIS_POOL_RECONNECTS_ABORTED_SOCKETS
+    # Without the heal, the pooled write that fails finds the socket's error already read
+    # by the pool's check (EPIPE: ConnectionError); the bare write meets the abort itself.
+    assert outcome == {
+        "pooled": "ok 1" if heal or pool_heals else "ConnectionError",
+        "bare": "ok 1" if heal else broken,
+    }

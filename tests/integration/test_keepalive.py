@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import celery
 import pytest
 from celery import Celery
 
 from celery_resilience.keepalive import audit_process
+from tests import upstream
 from tests.bench.redis_server import RedisServer
 from tests.bench.workers import PreforkWorker
 
@@ -151,7 +151,7 @@ def test_seed_000_deployment_rabbitmq_broker_redis_backend_and_cache(
 INSPECT = (
     [sys.executable, "-m", "celery", "-A", "examples.census.app", "inspect", "--json",
      "--timeout", "10", "resilience_sockets"]
-    if celery.VERSION >= (5, 4)
+    if upstream.CELERY_CLI_RUNS_CUSTOM_INSPECT
     else [sys.executable, "-m", "celery_resilience.control", "-A", "examples.census.app",
           "--timeout", "10"]
 )  # fmt: skip

@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-import celery
 import kombu
 import pytest
 import redis
 from celery import Celery
 
+from tests import upstream
 from tests.bench._proc import tail
 from tests.bench.jobapp import in_flight, progress, wait_until
 from tests.bench.redis_server import RedisServer
@@ -30,9 +30,7 @@ from tests.bench.workers import PreforkWorker
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 REPO = str(Path(__file__).resolve().parents[2])
-#: Celery 5.7 closes the collected connection, which restores through a transport whose
-#: client is gone: "Unrecoverable error: AttributeError: 'NoneType' ... 'hostname'".
-CELERY_CLOSES_COLLECTED = celery.VERSION >= (5, 7)
+CELERY_CLOSES_COLLECTED = upstream.CELERY_CLOSES_COLLECTED
 HOSTNAME_CRASH = "'NoneType' object has no attribute 'hostname'"
 
 

@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-import kombu
 import pytest
 import redis
 from celery import Celery
@@ -33,13 +32,13 @@ from kombu.utils.json import loads
 from celery_resilience import keepalive, routing, signals
 from celery_resilience.routing import RoutingOptions
 from examples.priorities.app import LOW, MEDIUM, RAN, URGENT, create_app, priority_key
+from tests import upstream
 from tests.bench.redis_server import RedisServer
 from tests.bench.workers import PreforkWorker, inprocess_worker
 
 pytestmark = pytest.mark.integration
 REPO = str(Path(__file__).resolve().parents[2])
-#: kombu <= 5.3.x restores every message to the bare key, whatever its priority.
-KOMBU_DROPS_PRIORITY = kombu.VERSION < (5, 4)
+KOMBU_DROPS_PRIORITY = upstream.KOMBU_RESTORE_DROPS_PRIORITY
 STEPS = {"priority_steps": list(range(10)), "queue_order_strategy": "priority"}
 QUARANTINE = "resilience.quarantine"
 
