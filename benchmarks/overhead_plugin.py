@@ -4,8 +4,8 @@ Two workers of the same configuration (prefork ``-c 2``, prefetch 4, the one-INC
 of ``benchmarks/overhead_app``) on one redis-server:
 
 - *plugin*: ``install(app)`` (keepalive and heal, routing, the atomic fetch and its
-  reclaimer) and ``bench.resilient``, a ResilientTask; its messages carry the origin
-  stamp, as a producer that called ``install()`` publishes them;
+  reclaimer) and ``bench.resilient``, a ResilientTask; its messages come from a producer
+  app that called ``install()`` (the plugin's transport: the origin stamp);
 - *plain*: the same app without ``install()`` and ``bench.plain``, a plain Task.
 
 Both stay up; between its rounds each consumes only an empty queue. Rounds come in pairs
@@ -26,34 +26,19 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from celery import Celery  # noqa: E402
-from celery.signals import before_task_publish  # noqa: E402
 
 from benchmarks._bench import environment  # noqa: E402
 from benchmarks.overhead import one_round  # noqa: E402
-from celery_resilience import routing  # noqa: E402
+from celery_resilience import install  # noqa: E402
 from tests.bench.redis_server import RedisServer  # noqa: E402
 from tests.bench.workers import PreforkWorker  # noqa: E402
 
 TASKS = {"plain": "bench.plain", "plugin": "bench.resilient"}
-
-
-@before_task_publish.connect
-def _stamp_plugin_arm(
-    sender: Any = None, headers: dict[str, Any] | None = None, exchange: Any = None,
-    routing_key: Any = None, declare: Any = None, properties: Any = None, **_: Any,
-) -> None:  # fmt: skip
-    """What ``install()`` does in a producer, for the plugin arm's messages only.
-
-    (``install()`` here would stamp the plain arm's messages too: it is process-wide.)
-    """
-    if sender == TASKS["plugin"] and headers is not None:
-        routing.stamp(headers, exchange, routing_key, declare, properties or {})
 
 
 def worker(server: RedisServer, arm: str, fetch: bool) -> PreforkWorker:
@@ -76,12 +61,13 @@ def cpu_seconds(worker: PreforkWorker) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def timed_round(app: Celery, server: RedisServer, workers: dict[str, PreforkWorker],
-                arm: str, n: int, key: str) -> tuple[float, float]:  # fmt: skip
+def timed_round(producers: dict[str, Celery], server: RedisServer,
+                workers: dict[str, PreforkWorker], arm: str, n: int,
+                key: str) -> tuple[float, float]:  # fmt: skip
     """``arm``'s tasks/s, and the share of a core the other (idle) worker used meanwhile."""
     (idle,) = (w for name, w in workers.items() if name != arm)
     cpu, start = cpu_seconds(idle), time.perf_counter()
-    rate = one_round(app, server, workers[arm], TASKS[arm], n, key)
+    rate = one_round(producers[arm], server, workers[arm], TASKS[arm], n, key)
     return rate, (cpu_seconds(idle) - cpu) / (time.perf_counter() - start)
 
 
@@ -96,14 +82,17 @@ def main() -> None:
     bystander: dict[str, list[float]] = {arm: [] for arm in TASKS}  # idle while the other ran
     with RedisServer() as server:
         print(environment(server.client()))
-        app = Celery("producer", broker=server.url(0), set_as_current=False)
+        producers = {arm: Celery(f"producer-{arm}", broker=server.url(0), set_as_current=False)
+                     for arm in TASKS}  # fmt: skip
+        install(producers["plugin"], keepalive=False)  # the stamp, not this process's sockets
         workers = {arm: worker(server, arm, not opts.no_fetch) for arm in TASKS}
         with workers["plain"], workers["plugin"]:
             for arm in TASKS:  # fork the children, connect, import
-                one_round(app, server, workers[arm], TASKS[arm], 200, "warmup")
+                one_round(producers[arm], server, workers[arm], TASKS[arm], 200, "warmup")
             for p in range(opts.pairs):
                 for arm in list(TASKS)[:: 1 if p % 2 == 0 else -1]:
-                    rate, idle_cpu = timed_round(app, server, workers, arm, opts.tasks, f"k{p}")
+                    rate, idle_cpu = timed_round(producers, server, workers, arm, opts.tasks,
+                                                 f"k{p}")  # fmt: skip
                     rates[arm].append(rate)
                     bystander[next(a for a in TASKS if a != arm)].append(idle_cpu)
     for arm, label in (

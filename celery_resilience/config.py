@@ -120,17 +120,8 @@ class Settings:
 
 
 def settings_for(app: Any) -> Settings:
-    """The app's validated settings, cached on the app after the first successful read."""
-    cached = getattr(app, "_resilience_settings", None)
-    if cached is None:
-        cached = Settings.from_conf(app.conf)
-        app._resilience_settings = cached
-    return cached
-
-
-def reset_settings(app: Any) -> None:
-    """Forget the cached settings (tests, or after changing ``app.conf``)."""
-    app.__dict__.pop("_resilience_settings", None)
+    """The app's settings, read and validated now (callers keep what they need)."""
+    return Settings.from_conf(app.conf)
 
 
 def number(key: str, raw: Any, *, minimum: float, maximum: float, integer: bool = False) -> Any:

@@ -20,10 +20,8 @@ or decorator kwargs) > ``resilience_*`` settings > the documented defaults.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import random
 import time
 from typing import Any, Callable
 
@@ -31,70 +29,12 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 
 from . import routing, signals
-from .config import _PARSERS, Settings, settings_for
-from .transient import transient_cause
+from .config import settings_for
+from .policy import RetryPolicy, backoff
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ResilientTask", "RetryPolicy", "backoff"]
-
-_MAX_EXPONENT = 62  # 2**62 s is forever; larger exponents only risk float overflow
-
-
-def backoff(
-    base: float,
-    attempt: int,
-    cap: float,
-    jitter: bool = True,
-    rng: Callable[[], float] = random.random,
-) -> float:
-    """Seconds to wait before ``attempt`` (1-based): ``min(cap, base * 2**(attempt-1))``.
-
-    With ``jitter`` the wait is drawn uniformly from ``[0, that]`` ("full jitter"), which
-    spreads the retries of many workers that failed together. Sub-second bases work.
-    """
-    ceiling = min(cap, base * 2.0 ** min(max(attempt - 1, 0), _MAX_EXPONENT))
-    return rng() * ceiling if jitter else ceiling
-
-
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    """The effective retry options of one task (attributes merged over settings)."""
-
-    inprocess_budget: float
-    inprocess_backoff: float
-    inprocess_backoff_max: float
-    retry_backoff: float
-    retry_backoff_max: float
-    retry_jitter: bool
-    max_retries: int
-    publish_budget: float
-    transient_errors: tuple[type[BaseException], ...]
-    terminal_errors: tuple[type[BaseException], ...]
-
-    @classmethod
-    def resolve(cls, task: Any, settings: Settings) -> RetryPolicy:
-        """Merge ``task``'s attributes over ``settings``, validating them like settings.
-
-        Scalars: a non-None task attribute wins. Error lists: the task's classes are
-        added to the settings' classes.
-        """
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            raw = getattr(task, field.name, None)
-            if field.name == "retry_backoff" and raw is True:
-                raw = None  # Celery's "backoff on": use the configured base
-            configured = getattr(settings, field.name)
-            parsed = None if raw is None else _PARSERS[field.name](f"{task.name}.{field.name}", raw)
-            if field.name.endswith("_errors"):
-                values[field.name] = (parsed or ()) + configured
-            else:
-                values[field.name] = configured if parsed is None else parsed
-        return cls(**values)
-
-    def transient_cause(self, exc: BaseException) -> BaseException | None:
-        """The transient exception behind ``exc``, or None when ``exc`` is not retried."""
-        return transient_cause(exc, transient=self.transient_errors, terminal=self.terminal_errors)
 
 
 class ResilientTask(Task):  # type: ignore[misc]  # celery ships no type stubs
@@ -242,7 +182,8 @@ class ResilientTask(Task):  # type: ignore[misc]  # celery ships no type stubs
         if exc is not None and request.retries >= max_retries and not request.called_directly:
             self._retries_exhausted(exc)
         # Back to the stamped origin (queue, priority), not wherever this delivery came from.
-        options = routing.retry_options(request, options)
+        if policy.routing:
+            options = routing.retry_options(request, options)
         return self._publish_retry(
             policy.publish_budget, policy, dict(
                 args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta,

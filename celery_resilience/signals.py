@@ -22,14 +22,22 @@ arguments only:
     broker instead. kwargs: ``exc`` (the publish error), ``task_id``, ``requeued`` (bool).
 ``keepalive_applied``
     Keepalive options were applied to sockets. kwargs: ``sockets`` (how many), ``total``.
+``message_restored``
+    A message went back to its queue. The sender is the plugin's Redis channel. kwargs:
+    ``task_id``, ``queue`` and ``priority`` (whose list it went to), ``reason``:
+    ``"shutdown"`` (the worker stopped while holding it), ``"connection lost"`` (the
+    channel that took it is gone), ``"lost fetch reply"``, ``"dead worker"`` (its worker
+    stopped heartbeating), ``"rejected"`` (``reject(requeue=True)``), ``"visibility
+    timeout"`` (kombu's sweep) or ``"copy from memory"`` (Redis had lost it; the worker's
+    copy went back). Sent once per message, after Redis took it; a worker also logs one
+    INFO line per restored message with its task and the reason.
 ``message_rerouted``
     A restored message was sent to a destination other than the one kombu derived.
     The sender is kombu's Redis channel. kwargs: ``queue`` (where it went),
     ``priority`` (whose list), ``original`` (the Redis lists kombu would have pushed it
     to; ``[]``: kombu would have dropped it), ``reason`` (``"origin"``: its stamp;
-    ``"quarantine"``: no destination could be worked out) and ``task_id``. Sent inside
-    kombu's restore transaction, which redis-py re-runs after a WATCH conflict: a
-    receiver may see the same message twice.
+    ``"quarantine"``: no destination could be worked out) and ``task_id``. Sent once per
+    message, after Redis took it.
 
 :func:`send` is what the package uses to emit: a receiver that raises is logged and
 never breaks the task, the worker or the other receivers.
@@ -52,10 +60,12 @@ retries_exhausted: NamedSignal = _signals.signal("retries_exhausted")
 retry_publish_failed: NamedSignal = _signals.signal("retry_publish_failed")
 keepalive_applied: NamedSignal = _signals.signal("keepalive_applied")
 message_rerouted: NamedSignal = _signals.signal("message_rerouted")
+message_restored: NamedSignal = _signals.signal("message_restored")
 
 __all__ = [
     "keepalive_applied",
     "message_rerouted",
+    "message_restored",
     "retries_exhausted",
     "retry_publish_failed",
     "retry_scheduled",

@@ -31,7 +31,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Union
 
 import pytest
+from blinker import NamedSignal
+from celery import Celery
+from kombu import Connection
 
+from celery_resilience import install, signals
+from celery_resilience.plugin import plugin_of
+from celery_resilience.sockets import hooks
+from celery_resilience.worker.ledger import Ledger
+from celery_resilience.worker.reclaimer import Reclaimer
 from tests.bench import (
     ExternalRedis,
     PreforkWorker,
@@ -72,13 +80,74 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _fetch_patches_undone() -> Iterator[None]:
-    """A worker's ReliableFetch step patches kombu process-wide; no test inherits that."""
+def _redis_py_hook_undone() -> Iterator[None]:
+    """install(app) and the Keepalive step hook redis-py process-wide; no test inherits it."""
     yield
-    from celery_resilience import fetch, inflight
+    hooks.disable()
 
-    fetch.disable()
-    inflight.disable()
+
+@pytest.fixture
+def signals_seen() -> Iterator[list[tuple[str, Any, dict[str, Any]]]]:
+    """Every signal of the package sent during the test: (name, sender, kwargs)."""
+    seen: list[tuple[str, Any, dict[str, Any]]] = []
+    receivers = []
+    for name in signals.__all__:
+        signal = getattr(signals, name)
+        if not isinstance(signal, NamedSignal):
+            continue
+
+        def receiver(sender: Any, _name: str = name, **kwargs: Any) -> None:
+            seen.append((_name, sender, kwargs))
+
+        signal.connect(receiver)
+        receivers.append((signal, receiver))
+    yield seen
+    for signal, receiver in receivers:
+        signal.disconnect(receiver)
+
+
+class PluginArm:
+    """One process's plugin as a worker has it: an app with ``install``, its ledger, and
+    kombu connections and a reclaimer on its transport (no worker runs)."""
+
+    def __init__(self, url: str, *, worker: bool = True, **settings: Any) -> None:
+        self.url = url
+        self.app = Celery("arm", broker=url, set_as_current=False)
+        self.app.conf.update({f"resilience_{k}": v for k, v in settings.items()})
+        install(self.app, keepalive=False)
+        self.plugin = plugin_of(self.app)
+        assert self.plugin is not None and self.plugin.serves(self.app.conf)
+        self.ledger = self.plugin.ledger = Ledger("test") if worker else None
+        self.opened: list[Connection] = []
+
+    def connect(self, url: str | None = None, **transport_options: Any) -> Connection:
+        conn = self.app.connection_for_write(url or self.url, transport_options=transport_options)
+        self.opened.append(conn)
+        return conn
+
+    def reclaimer(self, **transport_options: Any) -> Reclaimer:
+        self.app.conf.broker_transport_options = transport_options
+        options = self.plugin.fetch_options()
+        assert options is not None and self.ledger is not None
+        return Reclaimer(self.app, options, self.ledger)
+
+    def close(self) -> None:
+        for conn in self.opened:
+            conn.release()
+
+
+@pytest.fixture
+def plugin_arm(redis_url: str) -> Iterator[Callable[..., PluginArm]]:
+    """Factory: ``make(url=redis_url, *, worker=True, **resilience_settings)`` -> PluginArm."""
+    arms: list[PluginArm] = []
+
+    def make(url: str | None = None, **kwargs: Any) -> PluginArm:
+        arms.append(PluginArm(url or redis_url, **kwargs))
+        return arms[-1]
+
+    yield make
+    for arm in arms:
+        arm.close()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -1,4 +1,4 @@
-"""Self-tests of the firewall bench (tests/bench/netns.py, DESIGN.md §4).
+"""Self-tests of the firewall bench (tests/bench/netns.py).
 
 A redis-py client in the ``client`` namespace talks to a redis-server in the ``server``
 namespace through the conntrack firewall in ``fw``.  It PINGs, stays idle well past the

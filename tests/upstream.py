@@ -42,5 +42,9 @@ KOMBU_RESTORE_DROPS_PRIORITY = kombu.VERSION < (5, 4)
 #: client is gone: "Unrecoverable error: AttributeError: 'NoneType' ... 'hostname'".
 CELERY_CLOSES_COLLECTED = celery.VERSION >= (5, 7)
 
+#: Celery >= 5.7's ``AsynPool.flush`` (on a lost connection) keeps the jobs children have
+#: accepted; older ones forget every job. Both forget jobs written but not yet accepted.
+CELERY_FLUSH_KEEPS_ACCEPTED_JOBS = celery.VERSION >= (5, 7)
+
 #: Celery >= 5.4's CLI runs inspect commands a package registers; 5.3 knows only its own.
 CELERY_CLI_RUNS_CUSTOM_INSPECT = celery.VERSION >= (5, 4)

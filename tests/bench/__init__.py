@@ -1,6 +1,6 @@
 """Test bench for celery-resilience: real redis-server processes, fault injection, workers.
 
-See DESIGN.md §4.  Everything started here dies with the test session: children carry
+Everything started here dies with the test session: children carry
 PR_SET_PDEATHSIG=SIGKILL, and :func:`stop_all` (called at session finish and at exit)
 stops whatever is still registered.
 """

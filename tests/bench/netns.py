@@ -1,4 +1,4 @@
-"""A real stateful firewall between a client and a Redis server (DESIGN.md §4).
+"""A real stateful firewall between a client and a Redis server.
 
 Three network namespaces joined by two veth pairs::
 

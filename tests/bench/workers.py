@@ -45,7 +45,7 @@ def inprocess_worker(
 ) -> Iterator[WorkController]:
     """Run a worker for ``app`` in a thread of this process for the ``with`` block.
 
-    Works around the pitfalls measured in DESIGN.md §4:
+    Works around the pitfalls measured here:
 
     * no ping check, so ``celery.ping`` need not be registered on ``app``;
     * kombu's global event loop is reset before and after: on celery 5.3 a second

@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from celery_resilience import keepalive
+from celery_resilience.sockets import hooks
 from tests import upstream
 from tests.bench._proc import tail
 from tests.bench.jobapp import wait_until
@@ -169,7 +170,7 @@ def _abort(firewall: Firewall, sockets: list[socket.socket]) -> None:
     """Cut the path until keepalive (1 s idle, 1 s x 3 probes) has aborted every socket."""
     firewall.block()
     try:
-        assert wait_until(lambda: all(keepalive._aborted(s) for s in sockets), timeout=30)
+        assert wait_until(lambda: all(hooks._aborted(s) for s in sockets), timeout=30)
     finally:
         firewall.unblock()
 

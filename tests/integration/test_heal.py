@@ -18,6 +18,7 @@ import redis.asyncio
 import redis.connection
 
 from celery_resilience import keepalive
+from celery_resilience.sockets import hooks
 from tests.bench.jobapp import wait_until
 from tests.bench.redis_server import RedisServer
 
@@ -29,9 +30,8 @@ HEALED = "the kernel closed the idle socket"
 def _no_idle_threshold(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # The heal waits for a second of idleness (keepalive cannot abort a busier socket);
     # the threshold is not what these tests are about.
-    monkeypatch.setattr(keepalive, "_HEAL_AFTER_IDLE", 0.0)
+    monkeypatch.setattr(hooks, "_HEAL_AFTER_IDLE", 0.0)
     yield
-    keepalive.disable()
 
 
 def _kill(server: RedisServer, client_id: int) -> None:
@@ -47,7 +47,7 @@ def test_a_sync_connection_reconnects_before_writing_to_a_closed_socket(
     try:
         conn.send_command("CLIENT", "ID")
         _kill(private_redis, conn.read_response())
-        assert wait_until(lambda: keepalive._aborted(conn._sock), timeout=5)
+        assert wait_until(lambda: hooks._aborted(conn._sock), timeout=5)
         with caplog.at_level(logging.WARNING, "celery_resilience"):
             if heal:
                 conn.send_command("INCR", "healed")
@@ -84,7 +84,7 @@ def test_an_asyncio_connection_reconnects_before_writing_to_a_closed_socket(
 
     try:
         _kill(private_redis, loop.run_until_complete(command("CLIENT", "ID")))
-        assert wait_until(lambda: keepalive._aborted(keepalive._async_socket(conn)), timeout=5)
+        assert wait_until(lambda: hooks._aborted(hooks.async_socket(conn)), timeout=5)
         if loop_ran:
             loop.run_until_complete(asyncio.sleep(0.1))
         with caplog.at_level(logging.WARNING, "celery_resilience"):

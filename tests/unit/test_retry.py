@@ -29,23 +29,6 @@ def app() -> Iterator[Celery]:
     yield app
 
 
-@pytest.fixture
-def events() -> Iterator[list[tuple[str, dict[str, Any]]]]:
-    seen: list[tuple[str, dict[str, Any]]] = []
-    receivers = []
-    for name in ("transient_error", "retry_scheduled", "retries_exhausted",
-                 "retry_publish_failed"):  # fmt: skip
-
-        def receiver(sender: Any, _name: str = name, **kw: Any) -> None:
-            seen.append((_name, kw))
-
-        getattr(signals, name).connect(receiver)
-        receivers.append((name, receiver))
-    yield seen
-    for name, receiver in receivers:
-        getattr(signals, name).disconnect(receiver)
-
-
 def flaky(failures: list[BaseException]) -> Any:
     calls: list[int] = []
 
@@ -59,16 +42,18 @@ def flaky(failures: list[BaseException]) -> Any:
     return body
 
 
-def test_transient_errors_rerun_in_process_and_are_reported(app: Celery, events: list) -> None:
+def test_transient_errors_rerun_in_process_and_are_reported(
+    app: Celery, signals_seen: list
+) -> None:
     body = flaky([rex.ConnectionError("Connection reset by peer"), ConnectionResetError()])
     task = app.task(body, name="t.flaky", shared=False)
     assert task() == "ok"
     assert len(body.calls) == 3
-    assert [(e, kw["attempt"], kw["tier"]) for e, kw in events] == [
+    assert [(e, kw["attempt"], kw["tier"]) for e, _, kw in signals_seen] == [
         ("transient_error", 1, "inprocess"),
         ("transient_error", 2, "inprocess"),
     ]
-    assert str(events[0][1]["cause"]) == "Connection reset by peer"
+    assert str(signals_seen[0][2]["cause"]) == "Connection reset by peer"
 
 
 @pytest.mark.parametrize(
@@ -76,15 +61,17 @@ def test_transient_errors_rerun_in_process_and_are_reported(app: Celery, events:
     [rex.ResponseError("WRONGTYPE Operation against a key"), rex.AuthenticationError("bad")],
     ids=["wrongtype", "auth"],
 )
-def test_terminal_errors_fail_on_first_attempt(app: Celery, events: list, error: Any) -> None:
+def test_terminal_errors_fail_on_first_attempt(app: Celery, signals_seen: list, error: Any) -> None:
     body = flaky([error])
     task = app.task(body, name="t.terminal", shared=False)
     result = task.apply()
     assert result.state == "FAILURE" and result.result is error
-    assert len(body.calls) == 1 and events == []
+    assert len(body.calls) == 1 and signals_seen == []
 
 
-def test_eager_retries_stop_at_the_limit_with_the_original_error(app: Celery, events: list) -> None:
+def test_eager_retries_stop_at_the_limit_with_the_original_error(
+    app: Celery, signals_seen: list
+) -> None:
     reset = rex.ConnectionError("reset")
     hook_calls: list[tuple[Any, ...]] = []
 
@@ -98,7 +85,7 @@ def test_eager_retries_stop_at_the_limit_with_the_original_error(app: Celery, ev
     result = task.apply(args=(7,), task_id="job-7")
     assert result.state == "FAILURE" and result.result is reset
     assert len(body.calls) == 3  # the first run and two retries
-    assert [e for e, _ in events].count("retries_exhausted") == 1
+    assert [e for e, _, _ in signals_seen].count("retries_exhausted") == 1
     assert hook_calls == [(reset, "job-7", (7,), {})]
 
 
@@ -114,10 +101,10 @@ def retry_in_worker(task: Any) -> Reject:
     return info.value
 
 
-def test_failed_retry_publish_requeues_instead_of_dropping(app: Celery, events: list) -> None:
+def test_failed_retry_publish_requeues_instead_of_dropping(app: Celery, signals_seen: list) -> None:
     task = app.task(flaky([]), name="t.publish", shared=False)
     assert retry_in_worker(task).requeue is True
-    assert [e for e, _ in events] == ["retry_publish_failed"]
+    assert [e for e, _, _ in signals_seen] == ["retry_publish_failed"]
 
 
 def test_control_plain_celery_drops_the_task_when_retry_publish_fails(app: Celery) -> None:

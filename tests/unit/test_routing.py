@@ -1,4 +1,4 @@
-"""The routing stamp, its validation, retry pinning and the patch's undo (no Redis)."""
+"""The routing stamp, its validation and retry pinning (no Redis, no kombu)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from celery.signals import before_task_publish
-from kombu import Exchange, Queue
-from kombu.transport.redis import Channel
 
 from celery_resilience import Settings, routing
 from celery_resilience.routing import (
@@ -26,77 +23,63 @@ STAMP = {QUEUE_HEADER: "low", EXCHANGE_HEADER: "", ROUTING_KEY_HEADER: "low", PR
 
 
 @pytest.fixture(autouse=True)
-def undo() -> Iterator[None]:
+def warn_again() -> Iterator[None]:
     routing._malformed_warned.clear()
-    routing.enable(lambda: RoutingOptions())
     yield
-    routing.disable()
     routing._malformed_warned.clear()
 
 
-def publish_headers(**signal_kwargs: Any) -> dict[str, Any]:
-    """What the before_task_publish receivers leave in a message's headers."""
-    headers: dict[str, Any] = signal_kwargs.pop("headers", {"id": "t1", "task": "t"})
-    signal_kwargs.setdefault("properties", {})
-    before_task_publish.send(sender="t", body=(), headers=headers, **signal_kwargs)
-    return headers
+def message(exchange: str = "", routing_key: str = "low", priority: Any = 9,
+            headers: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """kombu's prepared message of a Celery task, as the channel's _put gets it."""
+    return {
+        "body": "e30=",
+        "headers": {"id": "t1", "task": "t"} if headers is None else headers,
+        "properties": {"priority": priority,
+                       "delivery_info": {"exchange": exchange, "routing_key": routing_key}},
+    }  # fmt: skip
+
+
+def stamp_of(msg: dict[str, Any]) -> dict[str, Any]:
+    return {k: msg["headers"][k] for k in routing.HEADERS if k in msg["headers"]}
 
 
 # -- the stamp ----------------------------------------------------------------------------------
 
 
-def test_default_exchange_stamps_the_routing_key_as_queue() -> None:
-    headers = publish_headers(exchange="", routing_key="low", properties={"priority": 9})
-    assert {k: headers[k] for k in routing.HEADERS} == STAMP
+def test_the_stamp_names_the_queue_the_message_goes_to() -> None:
+    assert stamp_of(routing.stamped(message(), "low")) == STAMP
 
 
-def test_topic_exchange_stamps_the_declared_queue_bound_to_it() -> None:
-    events = Queue("events", Exchange("bus", type="topic"), routing_key="events.#")
-    other = Queue("other", Exchange("elsewhere", type="topic"), routing_key="#")
-    headers = publish_headers(exchange="bus", routing_key="events.user", declare=[other, events])
-    assert routing.origin_from_headers(headers) == Origin("events", "bus", "events.user", None)
+def test_through_an_exchange_the_stamp_keeps_exchange_and_routing_key() -> None:
+    stamped = routing.stamped(message("bus", "events.user", None), "events")
+    assert routing.origin_from_headers(stamped["headers"]) == Origin(
+        "events", "bus", "events.user", None
+    )
 
 
-def test_a_declared_queue_whose_binding_does_not_take_the_key_is_not_stamped() -> None:
-    events = Queue("events", Exchange("bus", type="topic"), routing_key="events.#")
-    headers = publish_headers(exchange="bus", routing_key="audit.login", declare=[events])
-    assert routing.origin_from_headers(headers) == Origin(None, "bus", "audit.login", None)
-
-
-def test_direct_exchange_queue_is_stamped_when_its_key_matches() -> None:
-    jobs = Queue("jobs", Exchange("work", type="direct"), routing_key="jobs")
-    assert routing.origin_of("work", "jobs", [jobs], {}).queue == "jobs"
-    assert routing.origin_of("work", "other", [jobs], {}).queue is None
-
-
-def test_exchange_object_and_unknown_queue() -> None:
-    headers = publish_headers(exchange=Exchange("bus", type="topic"), routing_key="x.y")
-    assert routing.origin_from_headers(headers) == Origin(None, "bus", "x.y", None)
+def test_each_queue_an_exchange_routes_to_gets_its_own_stamp() -> None:
+    """kombu puts the same dict on every bound queue: the stamp must not leak across."""
+    original = message("bus", "events.user")
+    first, second = routing.stamped(original, "audit"), routing.stamped(original, "events")
+    assert (first["headers"][QUEUE_HEADER], second["headers"][QUEUE_HEADER]) == ("audit", "events")
+    assert stamp_of(original) == {}
 
 
 def test_an_existing_stamp_is_kept() -> None:
     """A retry copies its request's headers: the first stamp survives a re-routed publish."""
-    headers = publish_headers(headers=dict(STAMP), exchange="", routing_key="high",
-                              properties={"priority": 0})  # fmt: skip
-    assert headers == STAMP
+    stamped = routing.stamped(message(priority=0, headers={"task": "t", **STAMP}), "high")
+    assert stamp_of(stamped) == STAMP
 
 
-def test_no_stamp_when_routing_is_off() -> None:
-    routing.enable(lambda: None)
-    headers = publish_headers(exchange="", routing_key="low", properties={"priority": 9})
-    assert not any(name in headers for name in routing.HEADERS)
-
-
-def test_no_stamp_after_disable() -> None:
-    routing.disable()
-    headers = publish_headers(exchange="", routing_key="low")
-    assert not any(name in headers for name in routing.HEADERS)
+def test_only_task_messages_are_stamped() -> None:
+    plain = message(headers={"x": 1})
+    assert routing.stamped(plain, "low") is plain
 
 
 @pytest.mark.parametrize("priority", [None, "x", True])
 def test_unusable_priority_is_stamped_as_none(priority: Any) -> None:
-    headers = publish_headers(exchange="", routing_key="low", properties={"priority": priority})
-    assert headers[PRIORITY_HEADER] is None
+    assert routing.stamped(message(priority=priority), "low")["headers"][PRIORITY_HEADER] is None
 
 
 # -- reading a stamp ----------------------------------------------------------------------------
@@ -181,47 +164,10 @@ def test_unstamped_or_malformed_requests_are_not_pinned(headers: Any) -> None:
     assert routing.retry_options(request(headers), {"x": 1}) == {"x": 1}
 
 
-def test_no_pinning_when_routing_is_off() -> None:
-    routing.enable(lambda: None)
-    assert routing.retry_options(request(dict(STAMP)), {}) == {}
-
-
-# -- settings, install and undo -----------------------------------------------------------------
+# -- settings -----------------------------------------------------------------
 
 
 def test_options_from_settings() -> None:
     assert routing.options_from(Settings()) == RoutingOptions("resilience.quarantine")
     assert routing.options_from(Settings(quarantine_queue="q")) == RoutingOptions("q")
     assert routing.options_from(Settings(routing=False)) is None
-
-
-def test_enable_twice_patches_once_and_disable_restores_kombu() -> None:
-    routing.disable()
-    original = Channel.__dict__["_do_restore_message"]
-    routing.enable(lambda: RoutingOptions())
-    patched = Channel.__dict__["_do_restore_message"]
-    routing.enable(lambda: RoutingOptions("q"))
-    assert Channel.__dict__["_do_restore_message"] is patched is not original
-    assert patched.__wrapped__ is original
-    assert len([r for r in before_task_publish.receivers if r[0][0] == routing._DISPATCH_UID]) == 1
-    routing.disable()
-    assert Channel.__dict__["_do_restore_message"] is original
-    assert not any(r[0][0] == routing._DISPATCH_UID for r in before_task_publish.receivers)
-
-
-def test_a_failing_provider_turns_routing_off_with_one_log(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    routing._provider_warned.clear()
-
-    def broken() -> RoutingOptions:
-        raise ValueError("bad setting")
-
-    routing.enable(broken)
-    for _ in range(3):
-        headers = publish_headers(exchange="", routing_key="low")
-        assert QUEUE_HEADER not in headers
-    assert [r.getMessage() for r in caplog.records] == [
-        "resilience: routing settings unavailable; routing is off"
-    ]
-    routing._provider_warned.clear()

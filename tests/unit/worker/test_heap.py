@@ -11,7 +11,7 @@ from typing import Callable
 import pytest
 
 from celery_resilience import ConfigurationError, Settings
-from celery_resilience.heap import Freezer
+from celery_resilience.worker.heap import Freezer
 
 
 class Node:

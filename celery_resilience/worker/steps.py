@@ -1,4 +1,9 @@
-"""Worker bootsteps. Thin on purpose: each delegates to a framework-free module."""
+"""Worker bootsteps, thin on purpose: each hands its work to a framework-free object.
+
+``install(app)`` adds a subclass of each to the app's blueprints with ``plugin`` set (the
+app's :class:`~celery_resilience.plugin.Plugin`): the steps reach their settings and the
+ledger through it.
+"""
 
 from __future__ import annotations
 
@@ -6,70 +11,67 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+from celery.concurrency import prefork
 from celery.signals import task_received, worker_process_init, worker_shutdown
 
-from . import fetch, heap, inflight, keepalive, signals
-from .config import reset_settings, settings_for
-from .reclaim import Reclaimer
+from .. import internals, signals
+from ..sockets import audit, hooks
+from ..sockets.options import KeepaliveOptions
+from . import heap, pool
+from .ledger import Ledger
+from .reclaimer import Reclaimer
 
 logger = logging.getLogger(__name__)
 
 
 class SettingsCheck(bootsteps.Step):  # type: ignore[misc]  # celery ships no type stubs
-    """Validate the ``resilience_*`` settings while the worker boots.
+    """Validate the ``resilience_*`` settings while the worker boots, and pick the transport.
 
     A bad value raises :class:`~celery_resilience.ConfigurationError` here, which stops
     the worker before it consumes a single message.
     """
 
     name = "celery_resilience.SettingsCheck"
+    plugin: Any = None
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        reset_settings(worker.app)  # read app.conf as it is now, after config loading
-        settings = settings_for(worker.app)
-        logger.debug("resilience: settings %s", settings)
+        self.plugin.reset()  # read app.conf as it is now, after config loading
+        logger.debug("resilience: settings %s", self.plugin.settings)
+        self.plugin.select_transport(worker.app.conf)  # the CLI may have changed the URL
         super().__init__(worker, **kwargs)
 
 
 class Keepalive(bootsteps.Step):  # type: ignore[misc]
     """Force TCP keepalive on every Redis socket of this worker and its pool children.
 
-    Runs while the worker is built, before the pool forks: patches redis-py's connect and
+    Runs while the worker is built, before the pool forks: hooks redis-py's connect and
     sweeps the connections opened at import time. Each prefork child sweeps again when it
-    starts. Works on its own too: ``app.steps["worker"].add(Keepalive)``.
+    starts.
     """
 
     name = "celery_resilience.Keepalive"
     requires = (SettingsCheck,)
+    plugin: Any = None
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        app = worker.app
-        options = keepalive.options_from(settings_for(app))
+        plugin = self.plugin
+        options = plugin.keepalive_options()
         if options is not None:
-            keepalive.enable(
-                lambda: keepalive.options_from(settings_for(app)),
-                heal=settings_for(app).keepalive_heal,
-            )
-            keepalive.sweep(options)
-            worker_process_init.connect(_sweep_child, weak=False, dispatch_uid=self.name)
+            hooks.enable(plugin.keepalive_options, heal=plugin.settings.keepalive_heal)
+            audit.sweep(options)
+            worker_process_init.connect(self._sweep_child, weak=False, dispatch_uid=self.name)
         super().__init__(worker, **kwargs)
 
-
-def _sweep_child(**_: Any) -> None:
-    """In a fresh pool child: options on whatever the child holds before its first task."""
-    options = keepalive.options_from(_current_settings())
-    if options is not None:
-        keepalive.sweep(options)
-
-
-def _current_settings() -> Any:
-    from celery import current_app
-
-    return settings_for(current_app)
+    def _sweep_child(self, **_: Any) -> None:
+        """In a fresh pool child: options on whatever it holds before its first task."""
+        options = self.plugin.keepalive_options()
+        if options is not None:
+            audit.sweep(options)
 
 
-class ReliableFetch(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Atomic fetch and the reclaimer thread (see :mod:`~celery_resilience.reclaim`).
+class Delivery(bootsteps.StartStopStep):  # type: ignore[misc]
+    """What the worker holds: the ledger, the prefork pool that keeps its jobs, and the
+    reclaimer thread (see :mod:`.reclaimer`).
 
     The reclaimer starts with the worker and stops at ``worker_shutdown``: on a warm
     shutdown Celery stops the steps (this one before the pool has finished its tasks) and
@@ -77,18 +79,25 @@ class ReliableFetch(bootsteps.StartStopStep):  # type: ignore[misc]
     last pass must come after both.
     """
 
-    name = "celery_resilience.ReliableFetch"
+    name = "celery_resilience.Delivery"
     requires = (SettingsCheck,)
+    plugin: Any = None
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self.reclaimer: Reclaimer | None = None
+        self.ledger: Ledger | None = None
+        if self.plugin.serves(worker.app.conf):
+            self.ledger = self.plugin.ledger = Ledger(worker.hostname)
+            # Steps are all built before any creates its part: the Pool step sees this.
+            if worker.pool_cls is prefork.TaskPool and internals.available("pool"):
+                worker.pool_cls = pool.TaskPool
+        super().__init__(worker, **kwargs)
 
     def create(self, worker: Any) -> None:
-        app = worker.app
-        self.reclaimer: Reclaimer | None = None
-        inflight.enable(worker.hostname)  # the connparams fix applies with fetch off too
-        options = fetch.options_from(settings_for(app))
-        if options is None or not _redis_broker(app):
+        options = self.plugin.fetch_options()
+        if self.ledger is None or options is None:
             return
-        fetch.enable(lambda: fetch.options_from(settings_for(app)))
-        self.reclaimer = Reclaimer(app, options)
+        self.reclaimer = Reclaimer(worker.app, options, self.ledger)
         worker_shutdown.connect(self.last_pass, sender=worker, weak=False)
 
     def start(self, worker: Any) -> None:
@@ -112,18 +121,19 @@ class ReliableFetch(bootsteps.StartStopStep):  # type: ignore[misc]
 class HeapFreeze(bootsteps.StartStopStep):  # type: ignore[misc]
     """Keep the garbage collector from walking the ETA tasks the consumer holds.
 
-    See :mod:`~celery_resilience.heap`. A consumer step: Celery restarts the consumer
-    after a lost connection, and its ``on_close`` clears the timer (every ETA task it
-    held, and any entry of ours); the freeze ends with it and starts again with the new
-    consumer. ``task_received`` (sent by the consumer, in this process) counts the ETA
-    tasks taken in; the check (report, unfreeze) runs on the consumer's timer.
+    See :mod:`.heap`. A consumer step: Celery restarts the consumer after a lost
+    connection, and its ``on_close`` clears the timer (every ETA task it held, and any
+    entry of ours); the freeze ends with it and starts again with the new consumer.
+    ``task_received`` (sent by the consumer, in this process) counts the ETA tasks taken
+    in; the check (report, unfreeze) runs on the consumer's timer.
     """
 
     name = "celery_resilience.HeapFreeze"
     CHECK_EVERY = 5.0  # seconds
+    plugin: Any = None
 
     def __init__(self, consumer: Any, **kwargs: Any) -> None:
-        settings = settings_for(consumer.app)
+        settings = self.plugin.settings
         self.freezer: heap.Freezer | None = None
         if settings.gc_freeze:
             self.freezer = heap.Freezer(settings.gc_freeze_after, settings.gc_freeze_every)
@@ -154,38 +164,35 @@ class HeapFreeze(bootsteps.StartStopStep):  # type: ignore[misc]
     shutdown = stop
 
 
-def _redis_broker(app: Any) -> bool:
-    transport = app.connection_for_write().transport_cls
-    return str(transport).split("+")[0] in ("redis", "rediss", "sentinel")
-
-
 class KeepaliveReport(bootsteps.StartStopStep):  # type: ignore[misc]
     """Once the broker connection is up: one INFO line and ``keepalive_applied``."""
 
     name = "celery_resilience.KeepaliveReport"
     requires = ("celery.worker.consumer.tasks:Tasks",)
+    plugin: Any = None
 
     def start(self, consumer: Any) -> None:
-        options = keepalive.options_from(settings_for(consumer.app))
+        options = self.plugin.keepalive_options()
         if options is None:
             logger.info("resilience: keepalive off (resilience_keepalive=False)")
             return
-        keepalive.sweep(options)
-        entries = keepalive.audit()
+        audit.sweep(options)
+        entries = audit.audit()
         covered = sum(1 for entry in entries if _matches(entry, options))
-        logger.info(
-            "resilience: keepalive idle=%ss interval=%ss count=%s user_timeout=%ss "
-            "on %d/%d redis sockets",
-            options.idle, options.interval, options.count, options.user_timeout,
-            covered, len(entries),
-        )  # fmt: skip
+        logger.info("resilience: keepalive idle=%ss interval=%ss count=%s user_timeout=%ss "
+                    "on %d/%d redis sockets", options.idle, options.interval, options.count,
+                    options.user_timeout, covered, len(entries))  # fmt: skip
         signals.send(signals.keepalive_applied, self, sockets=covered, total=len(entries))
 
 
-def _matches(entry: dict[str, Any], options: keepalive.KeepaliveOptions) -> bool:
+def _matches(entry: dict[str, Any], options: KeepaliveOptions) -> bool:
     return bool(
         entry.get("keepalive") == 1
         and entry.get("idle") == options.idle
         and entry.get("interval") == options.interval
         and entry.get("count") == options.count
     )
+
+
+WORKER_STEPS = (SettingsCheck, Keepalive, Delivery)
+CONSUMER_STEPS = (HeapFreeze, KeepaliveReport)

@@ -17,8 +17,10 @@ that a long task under ``-P solo`` cannot stall it), on a broker connection of i
    only judges others after it has itself seen Redis for that long without a break, so
    an outage that silenced every worker makes none of them an orphan.
 
-:meth:`Reclaimer.stop` runs a last pass (everything in the limbo goes back: the pool has
-stopped) and unregisters the worker once it holds nothing.
+:meth:`Reclaimer.stop` runs a last pass (everything the ledger keeps goes back: the pool
+has stopped) and unregisters the worker once it holds nothing. Every message it restores
+is logged with its task and the reason (``connection lost``, ``lost fetch reply``,
+``dead worker``, ``shutdown``; ``copy from memory`` when Redis had lost it).
 """
 
 from __future__ import annotations
@@ -28,41 +30,25 @@ import threading
 import time
 from typing import Any
 
-from . import inflight
-from .fetch import FetchOptions
+from ..redis import keys, restore
+from ..redis.fetch import FetchOptions
+from .ledger import Ledger, lost_since
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OWNERS_KEY", "Reclaimer"]
+__all__ = ["Reclaimer"]
 
-OWNERS_KEY = inflight.OWNERS_KEY
-_LOCK_PREFIX = "resilience.recovering."
 _CHUNK = 500  # members per ZADD when renewing leases
 _SOCKET_TIMEOUT = 10.0  # seconds; the thread's own connection only
-
-# Redis's own clock, so that workers on hosts with skewed clocks agree on who is silent.
-_HEARTBEAT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-return tostring(now)
-"""
-# Forget an owner that holds nothing (its in-flight hash is empty).
-_RETIRE = """
-if redis.call('HLEN', KEYS[2]) == 0 then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  return 1
-end
-return 0
-"""
 
 
 class Reclaimer:
     """Heartbeat, leases, reclaim and orphan recovery for one worker (see the module doc)."""
 
-    def __init__(self, app: Any, options: FetchOptions) -> None:
+    def __init__(self, app: Any, options: FetchOptions, ledger: Ledger) -> None:
         self.app = app
         self.options = options
+        self.ledger = ledger
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: Any = None
@@ -107,7 +93,7 @@ class Reclaimer:
                 # Renew at the first pass that works again: Redis may be back from a dump
                 # whose scores are older than the lease it had.
                 self._renewed = None
-                if isinstance(exc, inflight.connection_errors()) or failing:
+                if isinstance(exc, self.ledger.connection_errors) or failing:
                     logger.debug("resilience: reclaim pass failed: %r", exc)
                 else:  # not Redis being away: say so once per streak
                     logger.exception("resilience: reclaim pass failed; retrying every %ss",
@@ -125,13 +111,14 @@ class Reclaimer:
         channel = self._channel()
         client = _raw(channel)
         prefix = _prefix(channel)
-        run = inflight.run_id(client)  # once per pass: renewals and data-loss checks read it
+        owner = self.ledger.owner
+        run = self.ledger.run_id(client)  # once per pass: renewals and data-loss checks read it
         if final:
             self._reclaim(channel, client, prefix, run, final=True)
-            client.eval(_RETIRE, 2, prefix + OWNERS_KEY,
-                        prefix + inflight.held_key(), inflight.owner())  # fmt: skip
+            client.eval(keys.script("retire"), 2, prefix + keys.OWNERS,
+                        prefix + keys.inflight(owner), owner)  # fmt: skip
             return
-        now = float(client.eval(_HEARTBEAT, 1, prefix + OWNERS_KEY, inflight.owner()))
+        now = float(client.eval(keys.script("heartbeat"), 1, prefix + keys.OWNERS, owner))
         if self._renewal_due() or run != self._run_id:  # a restarted Redis: scores of its dump
             self._renew(channel, client, prefix)
             self._renewed, self._run_id = time.monotonic(), run
@@ -150,7 +137,7 @@ class Reclaimer:
         )
 
     def _renew(self, channel: Any, client: Any, prefix: str) -> None:
-        tags = inflight.held_tags()
+        tags = self.ledger.held_tags()
         now = time.time()  # kombu scores the unacked index with the client's clock
         for i in range(0, len(tags), _CHUNK):
             if i:
@@ -161,46 +148,44 @@ class Reclaimer:
     def _reclaim(
         self, channel: Any, client: Any, prefix: str, run: str | None, final: bool = False
     ) -> None:
-        limbo = inflight.limbo()
-        due = {t: h for t, h in limbo.items() if final or not inflight.still_running(h)}
-        for tag, held in due.items():
-            lost = inflight.data_lost(held.run_id, run)
-            inflight.restore_one(channel.qos, tag, held.message, _kombu(channel), lost=lost)
-            inflight.forget([tag])
-        restored = len(due)
-        restored += self._reclaim_lost_replies(channel, client, prefix, set(limbo), final)
-        if restored:
-            logger.info("resilience: reclaimed %d message(s) of a closed connection", restored)
+        kept = self.ledger.kept()
+        reason = restore.SHUTDOWN if final else restore.CONNECTION_LOST
+        for tag, entry in kept.items():
+            if final or not self.ledger.still_running(entry):
+                channel.qos.restore_by_tag(tag, _kombu(channel), reason=reason,
+                                           message=entry.message,
+                                           lost=lost_since(entry.run_id, run))  # fmt: skip
+                self.ledger.forget(tag)
+        self._reclaim_lost_replies(channel, client, prefix, set(kept), final)
 
     def _reclaim_lost_replies(
         self, channel: Any, client: Any, prefix: str, skip: set[str], final: bool
-    ) -> int:
+    ) -> None:
         """Messages a fetch recorded for a channel that is gone but never delivered."""
-        live = inflight.live_ids()
+        live = self.ledger.live_ids()
         gone = self._live is None or bool(self._live - live) or bool(self._unheld)
         self._live = live
         if not (gone or final):
-            return 0  # no channel closed since the last pass: nothing can be left over
-        entries = client.hgetall(prefix + inflight.held_key())
+            return  # no channel closed since the last pass: nothing can be left over
+        entries = client.hgetall(prefix + keys.inflight(self.ledger.owner))
         leftovers = {
             tag for tag, chan in map(_pair, entries.items()) if chan not in live and tag not in skip
         }
-        # Seen on two passes in a row: a limbo entry written meanwhile cannot be missed.
+        # Seen on two passes in a row: a kept message written meanwhile cannot be missed.
         due = leftovers if final else leftovers & self._unheld
         self._unheld = leftovers - due
         for tag in due:
-            inflight.restore_one(channel.qos, tag, None, _kombu(channel), lost=False)
-        return len(due)
+            channel.qos.restore_by_tag(tag, _kombu(channel), reason=restore.LOST_FETCH_REPLY)
 
     def _recover_orphans(self, channel: Any, client: Any, prefix: str, now: float) -> None:
         dead = client.zrangebyscore(
-            prefix + OWNERS_KEY, "-inf", f"({now - self.options.orphan_timeout}"
+            prefix + keys.OWNERS, "-inf", f"({now - self.options.orphan_timeout}"
         )
-        for name in map(inflight.text, dead):
-            if name == inflight.owner():
+        for name in map(restore.text, dead):
+            if name == self.ledger.owner:
                 continue
-            lock = prefix + _LOCK_PREFIX + name
-            if not client.set(lock, inflight.owner(), nx=True, ex=60):
+            lock = prefix + keys.RECOVERING_PREFIX + name
+            if not client.set(lock, self.ledger.owner, nx=True, ex=60):
                 continue  # another worker is on it
             try:
                 self._recover(channel, client, prefix, name)
@@ -208,12 +193,12 @@ class Reclaimer:
                 client.delete(lock)
 
     def _recover(self, channel: Any, client: Any, prefix: str, name: str) -> None:
-        key = prefix + inflight.held_key(name)
-        tags = [inflight.text(tag) for tag in client.hkeys(key)]
+        key = prefix + keys.inflight(name)
+        tags = [restore.text(tag) for tag in client.hkeys(key)]
         for tag in tags:
-            inflight.restore_one(channel.qos, tag, None, _kombu(channel), lost=False)
+            channel.qos.restore_by_tag(tag, _kombu(channel), reason=restore.DEAD_WORKER)
             client.hdel(key, tag)
-        client.eval(_RETIRE, 2, prefix + OWNERS_KEY, key, name)
+        client.eval(keys.script("retire"), 2, prefix + keys.OWNERS, key, name)
         if tags:
             logger.warning("resilience: worker %s stopped heartbeating; restored its %d "
                            "in-flight message(s)", name, len(tags))  # fmt: skip
@@ -264,4 +249,4 @@ def _prefix(channel: Any) -> str:
 
 
 def _pair(item: tuple[Any, Any]) -> tuple[str, str]:
-    return inflight.text(item[0]), inflight.text(item[1])
+    return restore.text(item[0]), restore.text(item[1])

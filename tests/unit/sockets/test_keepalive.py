@@ -12,6 +12,7 @@ import redis.connection
 
 from celery_resilience import ConfigurationError, Settings, keepalive
 from celery_resilience.keepalive import KeepaliveOptions
+from celery_resilience.sockets import hooks
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux options")
 
@@ -21,12 +22,6 @@ def listener() -> Iterator[socket.socket]:
     server = socket.create_server(("127.0.0.1", 0))
     yield server
     server.close()
-
-
-@pytest.fixture(autouse=True)
-def undo() -> Iterator[None]:
-    yield
-    keepalive.disable()
 
 
 def test_apply_sets_exact_values(listener: socket.socket) -> None:
@@ -112,10 +107,10 @@ def test_bad_keepalive_settings_name_the_key(key: str, value: object) -> None:
 def test_a_socket_the_peer_closed_counts_as_aborted(listener: socket.socket) -> None:
     with socket.create_connection(listener.getsockname()) as sock:
         peer, _ = listener.accept()
-        assert keepalive._aborted(sock) is False
+        assert hooks._aborted(sock) is False
         peer.close()  # FIN: our side goes to CLOSE_WAIT
         time.sleep(0.05)
-        assert keepalive._aborted(sock) is True
+        assert hooks._aborted(sock) is True
 
 
 def test_undo_restores_inherited_methods() -> None:
