@@ -41,7 +41,9 @@ def test_another_app_in_the_process_keeps_kombus_transport() -> None:
     assert type(other.connection_for_write().transport) is kombu_redis.Transport
 
 
-def test_rediss_without_ssl_options_gets_kombus_own_default(caplog: pytest.LogCaptureFixture) -> None:
+def test_rediss_without_ssl_options_gets_kombus_own_default(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     assert installed("rediss://h:1/0").conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_NONE}
     assert "defaulting to insecure SSL behaviour" in caplog.text
     mine = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
